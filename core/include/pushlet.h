@@ -1,0 +1,223 @@
+/* Pushlet: a real-time push broker (Server-Sent Events, WebSocket) with an embeddable C core.
+ *
+ * Conventions used by every declaration below:
+ * - A broker is an opaque `pushlet_t` handle. Each broker owns a libuv loop that runs on its own
+ *   thread between pushlet_start() and pushlet_stop(); brokers share no state, so any number of
+ *   them can live in one process.
+ * - Calls return 0 on success or a negative PUSHLET_E* code; pushlet_strerror() describes it.
+ * - Calls that take strings copy them; nothing the caller passes is kept after a call returns.
+ * - "Thread: any" means the call may be made from any thread, concurrently with other calls.
+ *   "Thread: not loop" means any thread except the broker's own loop thread (i.e. not from inside
+ *   a callback the broker made); such calls refuse with PUSHLET_EWRONGTHREAD there.
+ * - Every callback has a pull alternative (pushlet_event_fd() + pushlet_event_next()), for hosts
+ *   such as Python, Lua and Node that cannot be called from a foreign thread.
+ */
+#ifndef PUSHLET_H
+#define PUSHLET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PUSHLET_EXTERN __attribute__((visibility("default")))
+#else
+#define PUSHLET_EXTERN
+#endif
+
+#define PUSHLET_VERSION_MAJOR 0
+#define PUSHLET_VERSION_MINOR 1
+#define PUSHLET_VERSION_PATCH 0
+/** Version as one number, comparable with pushlet_version(). */
+#define PUSHLET_VERSION_HEX                                                                    \
+    ((PUSHLET_VERSION_MAJOR << 16) | (PUSHLET_VERSION_MINOR << 8) | PUSHLET_VERSION_PATCH)
+
+/** Error codes: every public call that can fail returns 0 or one of these. */
+enum {
+    PUSHLET_OK = 0,
+    PUSHLET_EINVAL = -1,       /* invalid argument (bad topic/event name, unknown option, ...) */
+    PUSHLET_ENOMEM = -2,       /* out of memory */
+    PUSHLET_EFULL = -3,        /* the publish queue is at its limit; retry later */
+    PUSHLET_ESTOPPED = -4,     /* the broker is not running */
+    PUSHLET_EBUSY = -5,        /* the broker is running: stop it first */
+    PUSHLET_EWRONGTHREAD = -6, /* called from the broker's own loop thread */
+    PUSHLET_ETOOBIG = -7,      /* data larger than the configured maximum message size */
+    PUSHLET_EADDRINUSE = -8,   /* the listen address is already in use */
+    PUSHLET_ELISTEN = -9,      /* the listen address is invalid or cannot be bound */
+    PUSHLET_ESYSTEM = -10,     /* an operating system resource could not be obtained */
+};
+
+/** Log levels, numerically equal to Python's logging levels. */
+enum {
+    PUSHLET_LOG_DEBUG = 10,
+    PUSHLET_LOG_INFO = 20,
+    PUSHLET_LOG_WARN = 30,
+    PUSHLET_LOG_ERROR = 40,
+    PUSHLET_LOG_OFF = 100,
+};
+
+/** Integer options, set with pushlet_set_int() before pushlet_start(). */
+typedef enum {
+    PUSHLET_OPT_HEARTBEAT_MS = 1,       /* SSE heartbeat interval; default 30000, 0 = none */
+    PUSHLET_OPT_HEADER_TIMEOUT_MS,      /* time to receive a request head (408); default 10000 */
+    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS,   /* idle keep-alive connections close; default 30000 */
+    PUSHLET_OPT_STOP_TIMEOUT_MS,        /* graceful stop deadline; default 5000 */
+    PUSHLET_OPT_RETRY_MS,               /* SSE `retry:` hint sent to clients; default 3000 */
+    PUSHLET_OPT_MAX_CONNECTIONS,        /* more are answered 503; default 10000 */
+    PUSHLET_OPT_MAX_MESSAGE_SIZE,       /* bytes of data per message; default 65536 */
+    PUSHLET_OPT_MAX_HEADER_SIZE,        /* request line + headers, bytes (431); default 8192 */
+    PUSHLET_OPT_MAX_URL_SIZE,           /* request target, bytes (414); default 4096 */
+    PUSHLET_OPT_MAX_HEADERS,            /* header fields per request (431); default 64 */
+    PUSHLET_OPT_MAX_OUTPUT_BYTES,       /* unsent bytes per connection before it is dropped as a
+                                           slow consumer; default 1048576 */
+    PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION, /* default 64 */
+    PUSHLET_OPT_MAX_QUEUED_MESSAGES,    /* publishes waiting for the loop (EFULL); default 65536 */
+    PUSHLET_OPT_MAX_QUEUED_BYTES,       /* bytes waiting for the loop (EFULL); default 64 MiB */
+    PUSHLET_OPT_MAX_PENDING_EVENTS,     /* pull-queue events kept before dropping; default 4096 */
+    PUSHLET_OPT_HTTP_PUBLISH,           /* 1 = serve the HTTP publish endpoints; default 0 */
+    PUSHLET_OPT_LOG_LEVEL,              /* least level reported; default PUSHLET_LOG_INFO */
+    /* String options, set with pushlet_set_str(). */
+    PUSHLET_OPT_SSE_PATH = 100,         /* default "/events" */
+    PUSHLET_OPT_WS_PATH,                /* default "/ws" (reserved for the WebSocket transport) */
+    PUSHLET_OPT_PUBLISH_PATH,           /* default "/publish" */
+    PUSHLET_OPT_PUBLISH_ALL_PATH,       /* default "/publish_all" */
+    PUSHLET_OPT_SEND_PATH,              /* default "/send" (the seed's GET publish) */
+    PUSHLET_OPT_STATS_PATH,             /* default "/stats" */
+    PUSHLET_OPT_HEALTH_PATH,            /* default "/healthz" */
+    PUSHLET_OPT_CORS_ORIGIN,            /* Access-Control-Allow-Origin; default "*" */
+    PUSHLET_OPT_PUBLISH_SECRET,         /* required by the HTTP publish endpoints; default none */
+    PUSHLET_OPT_INDEX_HTML,             /* page served at GET /; default none (404) */
+} pushlet_option_t;
+
+/** Counters and gauges, read with pushlet_stat(). */
+typedef enum {
+    PUSHLET_STAT_CONNECTIONS = 0,       /* open client connections (gauge) */
+    PUSHLET_STAT_SSE_CONNECTIONS,       /* open SSE streams (gauge) */
+    PUSHLET_STAT_SUBSCRIPTIONS,         /* (connection, topic) pairs (gauge) */
+    PUSHLET_STAT_TOPICS,                /* topics with at least one subscriber (gauge) */
+    PUSHLET_STAT_MESSAGES_IN,           /* messages published */
+    PUSHLET_STAT_MESSAGES_OUT,          /* message deliveries queued to connections */
+    PUSHLET_STAT_BYTES_OUT,             /* bytes written to sockets */
+    PUSHLET_STAT_SLOW_CONSUMER_DROPS,   /* connections dropped over their output bound */
+    PUSHLET_STAT_PUBLISH_REJECTED,      /* publishes refused (queue full, too big, ...) */
+    PUSHLET_STAT_CONNECTIONS_REJECTED,  /* connections answered 503 */
+    PUSHLET_STAT_HTTP_ERRORS,           /* requests answered with a 4xx/5xx status */
+    PUSHLET_STAT_CONNECTIONS_TOTAL,     /* connections accepted since start */
+    PUSHLET_STAT_COUNT
+} pushlet_stat_t;
+
+/** Kinds of event delivered through the pull queue (a bit mask for pushlet_events_enable()). */
+enum {
+    PUSHLET_EVENT_LOG = 1 << 0,
+};
+
+typedef struct pushlet pushlet_t;
+typedef struct pushlet_event pushlet_event_t;
+
+/** Logger callback. `component` and `msg` are borrowed until it returns; `msg` is not
+ *  newline-terminated. Called from the loop thread or from the thread making a pushlet_* call;
+ *  it must not block and must not call pushlet_stop()/pushlet_free(). */
+typedef void (*pushlet_log_fn)(int level, const char *component, const char *msg, size_t len,
+                               void *userdata);
+
+/** Library version as PUSHLET_VERSION_HEX, and as "major.minor.patch". Thread: any. */
+PUSHLET_EXTERN unsigned int pushlet_version(void);
+PUSHLET_EXTERN const char *pushlet_version_string(void);
+
+/** A static one-line message for an error code (never NULL). Thread: any. */
+PUSHLET_EXTERN const char *pushlet_strerror(int code);
+
+/** Create a broker with default options (listening on 127.0.0.1:8080 once started).
+ *  @param out receives the handle; the caller frees it with pushlet_free().
+ *  @return 0 or PUSHLET_EINVAL / PUSHLET_ENOMEM / PUSHLET_ESYSTEM. Thread: any. */
+PUSHLET_EXTERN int pushlet_new(pushlet_t **out);
+
+/** Stop the broker if it is running (gracefully, see pushlet_stop()) and release everything.
+ *  NULL is a no-op returning 0. @return 0, or PUSHLET_EWRONGTHREAD (nothing is freed).
+ *  Thread: not loop. */
+PUSHLET_EXTERN int pushlet_free(pushlet_t *p);
+
+/** Set the address to serve on. `host` is an IPv4 or IPv6 literal; `port` 0 picks a free port
+ *  (read it with pushlet_port() after start).
+ *  @return 0, PUSHLET_EINVAL or PUSHLET_EBUSY (running). Thread: any. */
+PUSHLET_EXTERN int pushlet_listen(pushlet_t *p, const char *host, int port);
+
+/** The port the broker is bound to while running, else -1. Thread: any. */
+PUSHLET_EXTERN int pushlet_port(const pushlet_t *p);
+
+/** Set an integer or string option (see pushlet_option_t) before start.
+ *  `value` NULL resets a string option to its default.
+ *  @return 0, PUSHLET_EINVAL (unknown option, wrong kind, value out of range) or PUSHLET_EBUSY.
+ *  Thread: any. */
+PUSHLET_EXTERN int pushlet_set_int(pushlet_t *p, pushlet_option_t opt, int64_t value);
+PUSHLET_EXTERN int pushlet_set_str(pushlet_t *p, pushlet_option_t opt, const char *value);
+
+/** The SSE heartbeat interval in milliseconds (0 = none); same as PUSHLET_OPT_HEARTBEAT_MS.
+ *  Thread: any. */
+PUSHLET_EXTERN int pushlet_set_heartbeat_interval(pushlet_t *p, uint32_t ms);
+
+/** Install a logger callback (NULL removes it) and the least level it gets.
+ *  @return 0 or PUSHLET_EINVAL. Thread: any; takes effect for records logged after it returns. */
+PUSHLET_EXTERN int pushlet_set_logger(pushlet_t *p, pushlet_log_fn fn, int min_level,
+                                      void *userdata);
+
+/** Bind, start the loop thread and begin serving.
+ *  @return 0, PUSHLET_EBUSY (already running), PUSHLET_EADDRINUSE, PUSHLET_ELISTEN,
+ *          PUSHLET_ENOMEM or PUSHLET_ESYSTEM. Thread: not loop. */
+PUSHLET_EXTERN int pushlet_start(pushlet_t *p);
+
+/** Stop gracefully: stop accepting, deliver what was published before this call within the
+ *  stop deadline, end SSE streams, close every connection, join the loop thread. The broker can
+ *  be started again afterwards. @return 0, PUSHLET_ESTOPPED or PUSHLET_EWRONGTHREAD.
+ *  Thread: not loop. */
+PUSHLET_EXTERN int pushlet_stop(pushlet_t *p);
+
+/** Publish `data` (`len` bytes, any content) under `event` (NULL = "message") to every
+ *  subscriber of `topic`. Copies its arguments and returns before delivery; never blocks on I/O.
+ *  @return 0, PUSHLET_EINVAL (bad topic or event name), PUSHLET_ETOOBIG, PUSHLET_EFULL,
+ *          PUSHLET_ENOMEM or PUSHLET_ESTOPPED. Thread: any. */
+PUSHLET_EXTERN int pushlet_publish(pushlet_t *p, const char *topic, const char *event,
+                                   const char *data, size_t len);
+
+/** Publish to every connection once, whatever its topics (also those with none).
+ *  Same rules and return codes as pushlet_publish(). Thread: any. */
+PUSHLET_EXTERN int pushlet_publish_all(pushlet_t *p, const char *event, const char *data,
+                                       size_t len);
+
+/** Read a counter or gauge; -1 for an unknown one. Thread: any. */
+PUSHLET_EXTERN int64_t pushlet_stat(const pushlet_t *p, pushlet_stat_t which);
+
+/* ---- Pull queue: the alternative to every callback ---------------------------------------- */
+
+/** Choose which kinds of event (PUSHLET_EVENT_* bits) are queued for pushlet_event_next().
+ *  Log records are queued at the level set by PUSHLET_OPT_LOG_LEVEL. The queue keeps at most
+ *  PUSHLET_OPT_MAX_PENDING_EVENTS; beyond that events are dropped and a warning record says how
+ *  many. @return 0 or PUSHLET_EINVAL. Thread: any. */
+PUSHLET_EXTERN int pushlet_events_enable(pushlet_t *p, uint32_t mask);
+
+/** A file descriptor that is readable while events are pending. Watch it with poll/epoll or
+ *  your event loop; do not read or close it. Valid until pushlet_free(). Thread: any. */
+PUSHLET_EXTERN int pushlet_event_fd(const pushlet_t *p);
+
+/** Take the next pending event, or NULL when there is none. The caller owns it and frees it
+ *  with pushlet_event_free(). Thread: any. */
+PUSHLET_EXTERN pushlet_event_t *pushlet_event_next(pushlet_t *p);
+
+/** Accessors; the returned strings are owned by the event. Thread: any. */
+PUSHLET_EXTERN int pushlet_event_type(const pushlet_event_t *e);      /* PUSHLET_EVENT_* */
+PUSHLET_EXTERN int pushlet_event_log_level(const pushlet_event_t *e); /* PUSHLET_LOG_* */
+PUSHLET_EXTERN const char *pushlet_event_component(const pushlet_event_t *e);
+/** The event's text (NUL-terminated); its length in bytes goes to `*len` when len != NULL. */
+PUSHLET_EXTERN const char *pushlet_event_text(const pushlet_event_t *e, size_t *len);
+
+/** Release an event; NULL is a no-op. Thread: any. */
+PUSHLET_EXTERN void pushlet_event_free(pushlet_event_t *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PUSHLET_H */

@@ -1,0 +1,304 @@
+/* The broker's loop: its thread, its handles, start and graceful stop, and message dispatch.
+ *
+ * Lifecycle: pushlet_start() binds and listens on the calling thread (so errors come back
+ * synchronously), then runs the loop on a new thread. pushlet_stop() closes the inbox, wakes the
+ * loop and joins it; the loop delivers what was already queued, ends every stream, and closes its
+ * handles once the last connection is gone (or the stop deadline forces them shut). */
+#include "internal.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TICK_MS 250
+
+bool pl_on_loop_thread(const pushlet_t *p)
+{
+    uv_thread_t self = uv_thread_self();
+    uv_thread_t loop = __atomic_load_n(&p->loop_thread, __ATOMIC_ACQUIRE);
+    return uv_thread_equal(&self, &loop); /* loop_thread is 0 while no loop runs */
+}
+
+uint64_t pl_broker_dispatch(pushlet_t *p, pl_msg *m)
+{
+    /* The one place IDs are made: a per-broker sequence (see docs/ARCHITECTURE.md). */
+    m->id = ++p->next_id;
+    uint64_t id = m->id;
+    PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_IN, 1);
+    pl_buf *b = pl_msg_sse(m);
+    if (!b) {
+        pl_error(p, "broker", "out of memory encoding message %llu", (unsigned long long)id);
+        pl_msg_unref(m);
+        return id;
+    }
+    int64_t delivered = 0;
+    if (m->to_all) {
+        for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next) {
+            pl_conn_send(pl_container_of(l, pl_conn, link), b);
+            delivered++;
+        }
+    } else {
+        pl_topic *t = pl_topics_find(&p->topics, m->topic, m->topic_len);
+        for (uint32_t i = 0; t && i < t->nsubs; i++)
+            pl_conn_send(pl_container_of(t->subs[i].sub, pl_conn, subscriber), b);
+        delivered = t ? t->nsubs : 0;
+    }
+    PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, delivered);
+    pl_msg_unref(m);
+    return id;
+}
+
+/* ---- Loop callbacks ------------------------------------------------------------------------- */
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    pushlet_t *p = h->loop->data;
+    p->open_handles--;
+}
+
+static void close_handle(pushlet_t *p, uv_handle_t *h)
+{
+    if (!uv_is_closing(h)) {
+        p->open_handles++;
+        uv_close(h, on_handle_closed);
+    }
+}
+
+static void finish_if_done(pushlet_t *p)
+{
+    if (!p->stopping || p->nconns > 0 || uv_is_closing((uv_handle_t *)&p->wake))
+        return;
+    close_handle(p, (uv_handle_t *)&p->wake);
+    close_handle(p, (uv_handle_t *)&p->flusher);
+    close_handle(p, (uv_handle_t *)&p->ticker);
+    close_handle(p, (uv_handle_t *)&p->heartbeat);
+    close_handle(p, (uv_handle_t *)&p->stop_timer);
+}
+
+void pl_broker_conn_gone(pushlet_t *p) { finish_if_done(p); }
+
+static void on_stop_deadline(uv_timer_t *t)
+{
+    pushlet_t *p = t->loop->data;
+    int n = 0;
+    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next, n++)
+        pl_conn_close(pl_container_of(l, pl_conn, link), "stop deadline");
+    for (pl_link *l = p->conns_http.next; l != &p->conns_http; l = l->next, n++)
+        pl_conn_close(pl_container_of(l, pl_conn, link), "stop deadline");
+    if (n)
+        pl_warn(p, "broker", "stop deadline reached: closing %d connections with unsent output",
+                n);
+}
+
+static void begin_stop(pushlet_t *p)
+{
+    p->stopping = true;
+    close_handle(p, (uv_handle_t *)&p->listener);
+    uv_timer_stop(&p->heartbeat);
+    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
+        pl_conn_end(pl_container_of(l, pl_conn, link));
+    for (pl_link *l = p->conns_http.next; l != &p->conns_http; l = l->next) {
+        pl_conn *c = pl_container_of(l, pl_conn, link);
+        if (c->ending)
+            continue; /* an answer is on its way: let it finish */
+        if (c->out_head != c->out_tail || c->writing)
+            pl_conn_end(c);
+        else
+            pl_conn_close(c, "stopping");
+    }
+    uv_timer_start(&p->stop_timer, on_stop_deadline, (uint64_t)p->cfg.stop_timeout_ms, 0);
+    finish_if_done(p);
+}
+
+static void on_wake(uv_async_t *a)
+{
+    pushlet_t *p = a->loop->data;
+    pl_msg *m = pl_inbox_take_all(&p->inbox);
+    while (m) {
+        pl_msg *next = m->next;
+        pl_broker_dispatch(p, m);
+        m = next;
+    }
+    if (__atomic_load_n(&p->stop_requested, __ATOMIC_ACQUIRE) && !p->stopping)
+        begin_stop(p);
+}
+
+static void on_prepare(uv_prepare_t *h) { pl_conns_flush(h->loop->data); }
+
+static void on_tick(uv_timer_t *t) { pl_conns_sweep_timeouts(t->loop->data); }
+
+static void on_heartbeat(uv_timer_t *t)
+{
+    pushlet_t *p = t->loop->data;
+    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
+        pl_conn_send(pl_container_of(l, pl_conn, link), p->sse_heartbeat);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    pushlet_t *p = server->loop->data;
+    if (status < 0) {
+        pl_warn(p, "server", "accept failed: %s", uv_strerror(status));
+        return;
+    }
+    pl_conn_accept(p);
+}
+
+static void loop_main(void *arg)
+{
+    pushlet_t *p = arg;
+    /* A write to a reset socket raises SIGPIPE on the writing thread; blocked here, the write
+     * just fails with EPIPE and the host's signal dispositions stay untouched. */
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, NULL);
+    __atomic_store_n(&p->loop_thread, uv_thread_self(), __ATOMIC_RELEASE);
+    uv_run(&p->loop, UV_RUN_DEFAULT);
+}
+
+/* ---- Start / stop (called by pushlet.c with state_mu held, never on the loop thread) ------- */
+
+static int listen_error(int uv_err)
+{
+    if (uv_err == UV_EADDRINUSE)
+        return PUSHLET_EADDRINUSE;
+    if (uv_err == UV_ENOMEM)
+        return PUSHLET_ENOMEM;
+    return PUSHLET_ELISTEN;
+}
+
+static pl_buf *make_preamble(const pushlet_t *p)
+{
+    const char *fmt = "HTTP/1.1 200 OK\r\n"
+                      "Content-Type: text/event-stream\r\n"
+                      "Cache-Control: no-cache\r\n"
+                      "Connection: keep-alive\r\n"
+                      "X-Accel-Buffering: no\r\n"
+                      "Access-Control-Allow-Origin: %s\r\n"
+                      "\r\n"
+                      "retry: %lld\n"
+                      "event: connected\n"
+                      "data: Connection established\n\n";
+    int n = snprintf(NULL, 0, fmt, p->cfg.cors_origin, (long long)p->cfg.retry_ms);
+    pl_buf *b = pl_buf_new((size_t)n + 1);
+    if (!b)
+        return NULL;
+    snprintf(b->data, (size_t)n + 1, fmt, p->cfg.cors_origin, (long long)p->cfg.retry_ms);
+    b->len = (uint32_t)n;
+    return b;
+}
+
+static void release_loop_state(pushlet_t *p)
+{
+    pl_buf_unref(p->sse_preamble);
+    pl_buf_unref(p->sse_heartbeat);
+    p->sse_preamble = p->sse_heartbeat = NULL;
+    free(p->read_buf);
+    p->read_buf = NULL;
+    pl_topics_destroy(&p->topics);
+}
+
+/* Close whatever handles were initialised and let the loop finish the closes. */
+static void abandon_loop(pushlet_t *p)
+{
+    uv_walk(&p->loop, (uv_walk_cb)(void (*)(void))uv_close, NULL);
+    uv_run(&p->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&p->loop);
+    release_loop_state(p);
+}
+
+static int bind_listener(pushlet_t *p)
+{
+    struct sockaddr_storage addr;
+    int rc = strchr(p->cfg.host, ':')
+                 ? uv_ip6_addr(p->cfg.host, p->cfg.port, (struct sockaddr_in6 *)&addr)
+                 : uv_ip4_addr(p->cfg.host, p->cfg.port, (struct sockaddr_in *)&addr);
+    if (rc != 0)
+        return PUSHLET_ELISTEN;
+    if ((rc = uv_tcp_bind(&p->listener, (struct sockaddr *)&addr, 0)) != 0 ||
+        (rc = uv_listen((uv_stream_t *)&p->listener, 4096, on_connection)) != 0) {
+        pl_error(p, "server", "cannot listen on %s:%d: %s", p->cfg.host, p->cfg.port,
+                 uv_strerror(rc));
+        return listen_error(rc);
+    }
+    struct sockaddr_storage bound;
+    int len = sizeof(bound);
+    uv_tcp_getsockname(&p->listener, (struct sockaddr *)&bound, &len);
+    int port = bound.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
+                                           : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    __atomic_store_n(&p->bound_port, port, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int pl_broker_start(pushlet_t *p)
+{
+    if (uv_loop_init(&p->loop) != 0)
+        return PUSHLET_ESYSTEM;
+    p->loop.data = p;
+    p->stopping = false;
+    p->open_handles = 0;
+    p->nconns = 0;
+    p->dirty = p->closing = NULL;
+    __atomic_store_n(&p->stop_requested, false, __ATOMIC_RELAXED);
+    pl_list_init(&p->conns_http);
+    pl_list_init(&p->conns_stream);
+    pl_topics_init(&p->topics);
+    p->read_buf = malloc(PL_READ_BUF_SIZE);
+    p->sse_preamble = make_preamble(p);
+    p->sse_heartbeat = pl_buf_from(": heartbeat\n\n", 13);
+    int rc = 0;
+    if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat)
+        rc = PUSHLET_ENOMEM;
+    if (!rc && (uv_tcp_init(&p->loop, &p->listener) != 0 ||
+                uv_async_init(&p->loop, &p->wake, on_wake) != 0 ||
+                uv_prepare_init(&p->loop, &p->flusher) != 0 ||
+                uv_timer_init(&p->loop, &p->ticker) != 0 ||
+                uv_timer_init(&p->loop, &p->heartbeat) != 0 ||
+                uv_timer_init(&p->loop, &p->stop_timer) != 0))
+        rc = PUSHLET_ESYSTEM;
+    if (!rc)
+        rc = bind_listener(p);
+    if (rc) {
+        abandon_loop(p);
+        return rc;
+    }
+    uv_prepare_start(&p->flusher, on_prepare);
+    uv_timer_start(&p->ticker, on_tick, TICK_MS, TICK_MS);
+    if (p->cfg.heartbeat_ms > 0)
+        uv_timer_start(&p->heartbeat, on_heartbeat, (uint64_t)p->cfg.heartbeat_ms,
+                       (uint64_t)p->cfg.heartbeat_ms);
+    pl_inbox_open(&p->inbox, &p->wake, (size_t)p->cfg.max_queued_messages,
+                  (size_t)p->cfg.max_queued_bytes, (size_t)p->cfg.max_message_size);
+    if (uv_thread_create(&p->thread, loop_main, p) != 0) {
+        pl_inbox_close(&p->inbox);
+        abandon_loop(p);
+        return PUSHLET_ESYSTEM;
+    }
+    return 0;
+}
+
+void pl_broker_stop(pushlet_t *p)
+{
+    /* Publishes accepted before this point are delivered; later ones get PUSHLET_ESTOPPED. */
+    pl_inbox_close(&p->inbox);
+    __atomic_store_n(&p->stop_requested, true, __ATOMIC_RELEASE);
+    uv_async_send(&p->wake);
+    uv_thread_join(&p->thread);
+    __atomic_store_n(&p->loop_thread, (uv_thread_t)0, __ATOMIC_RELEASE);
+    int rc = uv_loop_close(&p->loop);
+    if (rc != 0)
+        pl_error(p, "broker", "loop closed with handles still open: %s", uv_strerror(rc));
+    /* Anything a publisher pushed between the last drain and the close was never delivered:
+     * the inbox was closed first, so there is none, but free defensively. */
+    pl_msg *m = pl_inbox_take_all(&p->inbox);
+    while (m) {
+        pl_msg *next = m->next;
+        pl_msg_unref(m);
+        m = next;
+    }
+    release_loop_state(p);
+    __atomic_store_n(&p->bound_port, -1, __ATOMIC_RELAXED);
+}

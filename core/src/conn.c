@@ -1,0 +1,388 @@
+/* Client connections: reading requests, the per-connection output queue, closing.
+ *
+ * Output is a queue of references to shared, already-encoded buffers. Sends only queue; once per
+ * loop turn (the prepare phase, just before the loop would block) every connection with new
+ * output is written with one writev carrying everything pending. A connection whose unsent bytes
+ * would exceed its bound is dropped as a slow consumer instead of growing memory.
+ *
+ * Idle connections hold no read buffer (reads land in the broker's single buffer and are parsed
+ * in place) and no output array. Closing is two-step: pl_conn_close() only marks the connection,
+ * and it is unlinked from topics in the prepare phase, so a close during fan-out never disturbs
+ * the subscriber array being walked. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_IOV 256
+#define LINGER_MS 2000 /* after an error response, keep draining input this long (no RST) */
+
+typedef struct write_req {
+    uv_write_t req;
+    size_t bytes;
+} write_req;
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void flush_conn(pl_conn *c);
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+{
+    (void)hint;
+    pl_conn *c = (pl_conn *)h;
+    buf->base = c->p->read_buf;
+    buf->len = PL_READ_BUF_SIZE;
+}
+
+void pl_conn_accept(pushlet_t *p)
+{
+    pl_conn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        pl_error(p, "conn", "out of memory accepting a connection");
+        return;
+    }
+    c->p = p;
+    pl_list_init(&c->link);
+    if (uv_tcp_init(&p->loop, &c->tcp) != 0) {
+        free(c);
+        return;
+    }
+    p->nconns++;
+    PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS, 1);
+    if (uv_accept((uv_stream_t *)&p->listener, (uv_stream_t *)&c->tcp) != 0) {
+        c->closing = true;
+        c->next_closing = p->closing;
+        p->closing = c;
+        return;
+    }
+    PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS_TOTAL, 1);
+    uv_tcp_nodelay(&c->tcp, 1);
+    pl_list_push(&p->conns_http, &c->link);
+    c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.header_timeout_ms;
+    c->keep_alive = true;
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    if (p->nconns > (uint32_t)p->cfg.max_connections) {
+        PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS_REJECTED, 1);
+        pl_respond_error_close(c, 503);
+    }
+}
+
+/* ---- Reading -------------------------------------------------------------------------------- */
+
+static void read_requests(pl_conn *c, const char *data, size_t len)
+{
+    pushlet_t *p = c->p;
+    while (len > 0 && c->kind == PL_CONN_HTTP && !c->ending && !c->closing) {
+        if (!c->req) {
+            c->req = pl_http_req_new(&p->limits);
+            if (!c->req) {
+                pl_conn_close(c, "out of memory");
+                return;
+            }
+            c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.header_timeout_ms;
+        }
+        size_t used;
+        int rc = pl_http_parse(c->req, data, len, &used);
+        data += used;
+        len -= used;
+        if (rc == PL_HTTP_ERROR) {
+            pl_respond_error_close(c, c->req->error_status);
+            return;
+        }
+        if (rc == PL_HTTP_INCOMPLETE) {
+            if (c->req->headers_done && c->req->expect_continue) {
+                static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+                pl_buf *b = pl_buf_from(cont, sizeof(cont) - 1);
+                if (b) {
+                    pl_conn_send(c, b);
+                    pl_buf_unref(b);
+                }
+                c->req->expect_continue = false;
+            }
+            return;
+        }
+        c->keep_alive = pl_http_keep_alive(c->req);
+        pl_route(c, c->req);
+        if (c->kind != PL_CONN_HTTP || c->ending || c->closing || len == 0) {
+            pl_http_req_free(c->req);
+            c->req = NULL;
+            c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.keepalive_timeout_ms;
+        } else {
+            pl_http_req_reset(c->req);
+        }
+    }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    pl_conn *c = (pl_conn *)s;
+    if (nread < 0) {
+        pl_conn_close(c, nread == UV_EOF ? "peer closed" : uv_strerror((int)nread));
+        return;
+    }
+    /* Streams take no input, and a connection being ended only drains what the peer still
+     * sends, so that closing does not reset the connection before the peer read our answer. */
+    if (nread == 0 || c->closing || c->ending || c->kind != PL_CONN_HTTP)
+        return;
+    read_requests(c, buf->base, (size_t)nread);
+}
+
+/* ---- Output --------------------------------------------------------------------------------- */
+
+static void mark_dirty(pl_conn *c)
+{
+    if (c->dirty || c->writing)
+        return;
+    c->dirty = true;
+    c->next_dirty = c->p->dirty;
+    c->p->dirty = c;
+}
+
+static bool reserve_slot(pl_conn *c)
+{
+    if (c->out_tail < c->out_cap)
+        return true;
+    if (c->out_head > 0) {
+        uint32_t n = c->out_tail - c->out_head;
+        memmove(c->out, c->out + c->out_head, n * sizeof(*c->out));
+        c->out_head = 0;
+        c->out_tail = n;
+        return true;
+    }
+    uint32_t ncap = c->out_cap ? c->out_cap * 2 : 4;
+    pl_buf **no = realloc(c->out, ncap * sizeof(*no));
+    if (!no)
+        return false;
+    c->out = no;
+    c->out_cap = ncap;
+    return true;
+}
+
+void pl_conn_send(pl_conn *c, pl_buf *b)
+{
+    if (c->closing || c->shut)
+        return;
+    pushlet_t *p = c->p;
+    if (c->out_bytes > 0 && c->out_bytes + b->len > (uint64_t)p->cfg.max_output_bytes) {
+        PL_STAT_ADD(p, PUSHLET_STAT_SLOW_CONSUMER_DROPS, 1);
+        pl_conn_close(c, "slow consumer: output bound exceeded");
+        return;
+    }
+    if (!reserve_slot(c)) {
+        pl_conn_close(c, "out of memory");
+        return;
+    }
+    c->out[c->out_tail++] = pl_buf_ref(b);
+    c->out_bytes += b->len;
+    mark_dirty(c);
+}
+
+/* Drop `bytes` written bytes from the head of the queue. */
+static void consume(pl_conn *c, size_t bytes)
+{
+    c->out_bytes -= bytes;
+    PL_STAT_ADD(c->p, PUSHLET_STAT_BYTES_OUT, (int64_t)bytes);
+    while (bytes > 0) {
+        pl_buf *b = c->out[c->out_head];
+        size_t left = b->len - c->out_off;
+        if (bytes < left) {
+            c->out_off += (uint32_t)bytes;
+            return;
+        }
+        bytes -= left;
+        pl_buf_unref(b);
+        c->out_head++;
+        c->out_off = 0;
+    }
+}
+
+static uint32_t fill_iov(pl_conn *c, uv_buf_t *iov, size_t *total)
+{
+    uint32_t n = c->out_tail - c->out_head;
+    if (n > MAX_IOV)
+        n = MAX_IOV;
+    *total = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        pl_buf *b = c->out[c->out_head + i];
+        uint32_t off = i == 0 ? c->out_off : 0;
+        iov[i] = uv_buf_init(b->data + off, b->len - off);
+        *total += b->len - off;
+    }
+    return n;
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+    pl_conn *c = req->data;
+    free(req);
+    if (status < 0 || c->closing) {
+        pl_conn_close(c, "shutdown");
+        return;
+    }
+    if (c->kind != PL_CONN_HTTP) {
+        pl_conn_close(c, "stream ended");
+        return;
+    }
+    c->deadline = uv_now(&c->p->loop) + LINGER_MS;
+}
+
+/* Everything queued is written. */
+static void drained(pl_conn *c)
+{
+    free(c->out);
+    c->out = NULL;
+    c->out_head = c->out_tail = c->out_cap = c->out_off = 0;
+    if (c->ending && !c->shut) {
+        c->shut = true;
+        uv_shutdown_t *req = malloc(sizeof(*req));
+        if (!req || uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+            free(req);
+            pl_conn_close(c, "shutdown failed");
+            return;
+        }
+        req->data = c;
+    }
+}
+
+static void on_write(uv_write_t *req, int status)
+{
+    write_req *w = (write_req *)req;
+    pl_conn *c = req->data;
+    size_t bytes = w->bytes;
+    free(w);
+    c->writing = false;
+    c->inflight = 0;
+    if (c->closing)
+        return; /* the close callback releases the queue */
+    if (status < 0) {
+        pl_conn_close(c, uv_strerror(status));
+        return;
+    }
+    consume(c, bytes);
+    flush_conn(c);
+}
+
+static void flush_conn(pl_conn *c)
+{
+    uv_buf_t iov[MAX_IOV];
+    c->dirty = false;
+    if (c->closing || c->writing)
+        return;
+    while (c->out_head < c->out_tail) {
+        size_t total;
+        uint32_t n = fill_iov(c, iov, &total);
+        int w = uv_try_write((uv_stream_t *)&c->tcp, iov, n);
+        if (w == UV_EAGAIN || w == UV_ENOSYS)
+            w = 0;
+        if (w < 0) {
+            pl_conn_close(c, uv_strerror(w));
+            return;
+        }
+        consume(c, (size_t)w);
+        if ((size_t)w < total)
+            break;
+    }
+    if (c->out_head == c->out_tail) {
+        drained(c);
+        return;
+    }
+    /* The socket is full: hand the rest to libuv, which writes when it becomes writable. */
+    write_req *w = malloc(sizeof(*w));
+    if (!w) {
+        pl_conn_close(c, "out of memory");
+        return;
+    }
+    c->inflight = fill_iov(c, iov, &w->bytes);
+    w->req.data = c;
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, iov, c->inflight, on_write);
+    if (rc != 0) {
+        free(w);
+        c->inflight = 0;
+        pl_conn_close(c, uv_strerror(rc));
+        return;
+    }
+    c->writing = true;
+}
+
+void pl_conn_end(pl_conn *c)
+{
+    if (c->ending || c->closing)
+        return;
+    c->ending = true;
+    c->deadline = uv_now(&c->p->loop) + LINGER_MS;
+    if (c->out_head == c->out_tail && !c->writing)
+        drained(c);
+}
+
+/* ---- Closing -------------------------------------------------------------------------------- */
+
+void pl_conn_close(pl_conn *c, const char *reason)
+{
+    if (c->closing)
+        return;
+    pl_debug(c->p, "conn", "closing connection: %s", reason);
+    c->closing = true;
+    c->next_closing = c->p->closing;
+    c->p->closing = c;
+}
+
+static void on_close(uv_handle_t *h)
+{
+    pl_conn *c = (pl_conn *)h;
+    pushlet_t *p = c->p;
+    for (uint32_t i = c->out_head; i < c->out_tail; i++)
+        pl_buf_unref(c->out[i]);
+    free(c->out);
+    pl_http_req_free(c->req);
+    free(c);
+    p->nconns--;
+    PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS, -1);
+    pl_broker_conn_gone(p);
+}
+
+static void reap(pl_conn *c)
+{
+    pushlet_t *p = c->p;
+    if (c->subscriber.nsubs) {
+        pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
+        __atomic_store_n(&p->stats[PUSHLET_STAT_SUBSCRIPTIONS], (int64_t)p->topics.subscriptions,
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&p->stats[PUSHLET_STAT_TOPICS], (int64_t)p->topics.count,
+                         __ATOMIC_RELAXED);
+    }
+    if (c->kind == PL_CONN_SSE)
+        PL_STAT_ADD(p, PUSHLET_STAT_SSE_CONNECTIONS, -1);
+    pl_list_remove(&c->link);
+    uv_close((uv_handle_t *)&c->tcp, on_close);
+}
+
+void pl_conns_flush(pushlet_t *p)
+{
+    while (p->dirty || p->closing) {
+        while (p->dirty) {
+            pl_conn *c = p->dirty;
+            p->dirty = c->next_dirty;
+            flush_conn(c);
+        }
+        while (p->closing) {
+            pl_conn *c = p->closing;
+            p->closing = c->next_closing;
+            reap(c);
+        }
+    }
+}
+
+void pl_conns_sweep_timeouts(pushlet_t *p)
+{
+    uint64_t now = uv_now(&p->loop);
+    for (pl_link *l = p->conns_http.next; l != &p->conns_http; l = l->next) {
+        pl_conn *c = pl_container_of(l, pl_conn, link);
+        if (c->closing || now < c->deadline)
+            continue;
+        if (c->shut || c->ending)
+            pl_conn_close(c, "linger over");
+        else if (c->req)
+            pl_respond_error_close(c, 408);
+        else
+            pl_conn_close(c, "idle");
+    }
+}

@@ -1,0 +1,377 @@
+/* What the core's modules share. Never installed.
+ *
+ * Threads: everything here belongs to the broker's loop thread unless a comment says otherwise.
+ * Other threads reach the loop only through the inbox (inbox.c) and read counters atomically. */
+#ifndef PL_INTERNAL_H
+#define PL_INTERNAL_H
+
+#include "pushlet.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#define PL_HIDDEN __attribute__((visibility("hidden")))
+#define PL_PRINTF(f, a) __attribute__((format(printf, f, a)))
+
+#define pl_container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+/* ---- Intrusive doubly linked list ---------------------------------------------------------- */
+
+typedef struct pl_link {
+    struct pl_link *prev, *next;
+} pl_link;
+
+static inline void pl_list_init(pl_link *head) { head->prev = head->next = head; }
+static inline bool pl_list_empty(const pl_link *head) { return head->next == head; }
+static inline void pl_list_push(pl_link *head, pl_link *node)
+{
+    node->prev = head->prev;
+    node->next = head;
+    head->prev->next = node;
+    head->prev = node;
+}
+static inline void pl_list_remove(pl_link *node)
+{
+    node->prev->next = node->next;
+    node->next->prev = node->prev;
+    node->prev = node->next = node;
+}
+
+/* ---- Counters: written by the loop thread only, read from any thread ----------------------- */
+
+#define PL_STAT_ADD(p, which, n)                                                               \
+    __atomic_store_n(&(p)->stats[which], (p)->stats[which] + (n), __ATOMIC_RELAXED)
+/* For counters that other threads also bump (publish rejections). */
+#define PL_STAT_ADD_SHARED(p, which, n)                                                        \
+    __atomic_fetch_add(&(p)->stats[which], (n), __ATOMIC_RELAXED)
+
+/* ---- Refcounted byte buffers (message.c) --------------------------------------------------- */
+
+/* An encoded wire form shared by every connection it is queued on. Loop thread only. */
+typedef struct pl_buf {
+    uint32_t refs;
+    uint32_t len;
+    char data[];
+} pl_buf;
+
+pl_buf *pl_buf_new(size_t len) PL_HIDDEN;
+pl_buf *pl_buf_from(const char *data, size_t len) PL_HIDDEN;
+static inline pl_buf *pl_buf_ref(pl_buf *b)
+{
+    b->refs++;
+    return b;
+}
+void pl_buf_unref(pl_buf *b) PL_HIDDEN;
+
+/* A published message: created (and its strings copied) by the publishing thread, handed to the
+ * loop through the inbox, then owned by the loop. Encoded lazily, once per wire format. */
+typedef struct pl_msg {
+    struct pl_msg *next; /* inbox link */
+    uint32_t refs;
+    bool to_all;         /* publish-to-all rather than to `topic` */
+    uint16_t topic_len, event_len;
+    uint32_t data_len;
+    uint64_t id;         /* assigned on the loop by pl_broker_dispatch() */
+    int64_t published_ms; /* wall clock at publish, for timestamps (never for ordering) */
+    pl_buf *sse;         /* SSE encoding, made on first use */
+    char *topic, *event, *data; /* NUL-terminated, inside `storage` */
+    char storage[];
+} pl_msg;
+
+pl_msg *pl_msg_new(const char *topic, size_t topic_len, const char *event, size_t event_len,
+                   const char *data, size_t data_len) PL_HIDDEN;
+static inline pl_msg *pl_msg_ref(pl_msg *m)
+{
+    m->refs++;
+    return m;
+}
+void pl_msg_unref(pl_msg *m) PL_HIDDEN;
+pl_buf *pl_msg_sse(pl_msg *m) PL_HIDDEN; /* borrowed: owned by the message */
+
+/* ---- Cross-thread inbox (inbox.c): mutex-guarded list, wakes the loop on empty→non-empty ---- */
+
+typedef struct pl_inbox {
+    uv_mutex_t mu;
+    pl_msg *head, **tail;
+    size_t count, bytes;
+    size_t max_count, max_bytes, max_data;
+    bool open;         /* accepting pushes (the loop is running and not stopping) */
+    uv_async_t *wake;  /* signalled when the list turns non-empty */
+} pl_inbox;
+
+int pl_inbox_init(pl_inbox *q) PL_HIDDEN;
+void pl_inbox_destroy(pl_inbox *q) PL_HIDDEN; /* frees what is still queued */
+void pl_inbox_open(pl_inbox *q, uv_async_t *wake, size_t max_count, size_t max_bytes,
+                   size_t max_data) PL_HIDDEN;
+void pl_inbox_close(pl_inbox *q) PL_HIDDEN; /* later pushes get PUSHLET_ESTOPPED */
+/* Thread: any. Takes ownership of `m` on success only; PUSHLET_ETOOBIG when its data is over
+ * max_data, PUSHLET_EFULL at the bounds, PUSHLET_ESTOPPED when closed. */
+int pl_inbox_push(pl_inbox *q, pl_msg *m) PL_HIDDEN;
+/* Thread: loop. Takes the whole list (oldest first); the caller owns it. */
+pl_msg *pl_inbox_take_all(pl_inbox *q) PL_HIDDEN;
+
+/* ---- Topic registry (topics.c) -------------------------------------------------------------- */
+
+typedef struct pl_topic pl_topic;
+typedef struct pl_subscriber pl_subscriber;
+
+/* One entry of a topic's subscriber array; `slot` is the index of the matching pl_sub in the
+ * subscriber, so both sides unlink in O(1). */
+typedef struct pl_topic_sub {
+    pl_subscriber *sub;
+    uint32_t slot;
+} pl_topic_sub;
+
+struct pl_topic {
+    uint32_t hash;
+    uint16_t name_len;
+    uint32_t nsubs, cap;
+    pl_topic_sub *subs;
+    char name[];
+};
+
+typedef struct pl_sub {
+    pl_topic *topic;
+    uint32_t index; /* position in topic->subs */
+} pl_sub;
+
+/* Embedded in whatever subscribes (a connection). */
+struct pl_subscriber {
+    pl_sub *subs;
+    uint16_t nsubs, cap;
+};
+
+typedef struct pl_topics {
+    pl_topic **slots; /* open addressing, linear probing, backward-shift deletion */
+    uint32_t cap;     /* power of two */
+    uint32_t count;
+    uint64_t subscriptions;
+} pl_topics;
+
+bool pl_topic_name_valid(const char *name, size_t len) PL_HIDDEN;
+void pl_topics_init(pl_topics *t) PL_HIDDEN;
+void pl_topics_destroy(pl_topics *t) PL_HIDDEN; /* every subscriber must have left */
+pl_topic *pl_topics_find(const pl_topics *t, const char *name, size_t len) PL_HIDDEN;
+/* 0 = subscribed, 1 = was already, PUSHLET_ENOMEM. The name must be valid. */
+int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len) PL_HIDDEN;
+/* 0 = unsubscribed, 1 = was not subscribed. Frees the topic when its last subscriber leaves. */
+int pl_topics_unsubscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len) PL_HIDDEN;
+void pl_topics_unsubscribe_all(pl_topics *t, pl_subscriber *s) PL_HIDDEN;
+
+/* ---- HTTP/1.1 request parsing (http.c): no I/O, copies only the head fields it keeps -------- */
+
+#include <http_parser.h>
+
+typedef struct pl_span {
+    uint32_t off, len;
+} pl_span;
+
+typedef struct pl_http_limits {
+    uint32_t max_url;     /* 414 */
+    uint32_t max_head;    /* request target + header bytes kept; 431 */
+    uint32_t max_headers; /* 431 */
+    uint64_t max_body;    /* 413 */
+} pl_http_limits;
+
+enum { PL_HTTP_INCOMPLETE = 0, PL_HTTP_COMPLETE = 1, PL_HTTP_ERROR = -1 };
+
+#define PL_HTTP_MAX_HEADERS_CAP 128
+
+typedef struct pl_http_req {
+    http_parser parser;
+    const pl_http_limits *limits;
+    int error_status;  /* with PL_HTTP_ERROR: the status to answer (400, 413, 414, 431) */
+    bool complete;
+    bool headers_done;
+    uint8_t last_span; /* which head element the last callback appended to */
+    bool expect_continue;
+    uint32_t nheaders;
+    pl_span url;
+    pl_span names[PL_HTTP_MAX_HEADERS_CAP], values[PL_HTTP_MAX_HEADERS_CAP];
+    char *head;        /* request target and header bytes, each span NUL-terminated */
+    uint32_t head_len, head_cap;
+    char *body;
+    size_t body_len, body_cap;
+} pl_http_req;
+
+pl_http_req *pl_http_req_new(const pl_http_limits *limits) PL_HIDDEN;
+void pl_http_req_free(pl_http_req *r) PL_HIDDEN;
+/* Parse up to `len` bytes. Returns PL_HTTP_COMPLETE when a whole request is in (*consumed tells
+ * how far; the rest belongs to the next request), PL_HTTP_INCOMPLETE when everything was consumed
+ * and more is needed, PL_HTTP_ERROR with r->error_status set. */
+int pl_http_parse(pl_http_req *r, const char *data, size_t len, size_t *consumed) PL_HIDDEN;
+/* Forget the finished request, ready for the next one on the same connection. */
+void pl_http_req_reset(pl_http_req *r) PL_HIDDEN;
+static inline const char *pl_http_url(const pl_http_req *r) { return r->head + r->url.off; }
+/* Case-insensitive lookup; NULL when absent. The value is NUL-terminated. */
+const char *pl_http_header(const pl_http_req *r, const char *name, size_t *len) PL_HIDDEN;
+bool pl_http_keep_alive(const pl_http_req *r) PL_HIDDEN;
+
+/* Query / form iteration with percent-decoding. */
+typedef struct pl_query_iter {
+    const char *p, *end;
+} pl_query_iter;
+void pl_query_init(pl_query_iter *it, const char *query, size_t len) PL_HIDDEN;
+/* Next "key=value" pair, decoded into `key`/`val` buffers (NUL-terminated). Returns 1 for a pair,
+ * 0 at the end, -1 when a key or value does not fit or is badly encoded. */
+int pl_query_next(pl_query_iter *it, char *key, size_t key_cap, size_t *key_len, char *val,
+                  size_t val_cap, size_t *val_len) PL_HIDDEN;
+/* Splits a request target into path and query (query may be empty). */
+void pl_url_split(const char *url, size_t len, const char **path, size_t *path_len,
+                  const char **query, size_t *query_len) PL_HIDDEN;
+const char *pl_http_reason(int status) PL_HIDDEN;
+
+/* ---- SSE framing (sse.c): pure encoders ---------------------------------------------------- */
+
+bool pl_event_name_valid(const char *name, size_t len) PL_HIDDEN;
+/* Bytes needed by pl_sse_encode for this message. */
+size_t pl_sse_size(const char *id, size_t id_len, const char *event, size_t event_len,
+                   const char *data, size_t data_len) PL_HIDDEN;
+/* Writes "id: ..\nevent: ..\n" + one "data: " line per line of data + "\n"; returns bytes
+ * written (exactly pl_sse_size()). Any of \r\n, \n, \r ends a data line. */
+size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event,
+                     size_t event_len, const char *data, size_t data_len) PL_HIDDEN;
+
+/* ---- Logging and the pull queue (events.c) ------------------------------------------------- */
+
+struct pushlet_event {
+    struct pushlet_event *next;
+    int type;
+    int level;
+    char component[16];
+    size_t len;
+    char text[];
+};
+
+typedef struct pl_events {
+    uv_mutex_t mu;
+    pushlet_event_t *head, **tail;
+    size_t count, max_count, dropped;
+    uint32_t mask;   /* PUSHLET_EVENT_* kinds queued */
+    int fd;          /* eventfd: readable while the queue is non-empty */
+} pl_events;
+
+int pl_events_init(pl_events *ev) PL_HIDDEN;
+void pl_events_destroy(pl_events *ev) PL_HIDDEN;
+void pl_events_push(pl_events *ev, pushlet_event_t *e) PL_HIDDEN; /* Thread: any */
+
+void pl_log(pushlet_t *p, int level, const char *component, const char *fmt, ...)
+    PL_PRINTF(4, 5) PL_HIDDEN; /* Thread: any */
+#define pl_debug(p, c, ...) pl_log((p), PUSHLET_LOG_DEBUG, (c), __VA_ARGS__)
+#define pl_info(p, c, ...) pl_log((p), PUSHLET_LOG_INFO, (c), __VA_ARGS__)
+#define pl_warn(p, c, ...) pl_log((p), PUSHLET_LOG_WARN, (c), __VA_ARGS__)
+#define pl_error(p, c, ...) pl_log((p), PUSHLET_LOG_ERROR, (c), __VA_ARGS__)
+
+/* ---- Connections (conn.c) ------------------------------------------------------------------ */
+
+typedef enum { PL_CONN_HTTP = 0, PL_CONN_SSE } pl_conn_kind;
+
+typedef struct pl_conn {
+    uv_tcp_t tcp;
+    pushlet_t *p;
+    pl_link link;          /* in p->conns_http or p->conns_stream */
+    struct pl_conn *next_dirty, *next_closing;
+    pl_http_req *req;      /* only while a request is being read */
+    uint64_t deadline;     /* loop ms: request head / keep-alive deadline (HTTP only) */
+    pl_subscriber subscriber;
+    /* Output: a queue of shared buffers; out[out_head] has out_off bytes already written. */
+    pl_buf **out;
+    uint32_t out_head, out_tail, out_cap;
+    uint32_t out_off;
+    uint32_t inflight;     /* leading buffers owned by the uv_write in progress */
+    size_t out_bytes;      /* unsent bytes queued, the slow-consumer bound applies to this */
+    uint8_t kind;          /* pl_conn_kind */
+    bool dirty, writing, closing, ending, shut, keep_alive;
+} pl_conn;
+
+void pl_conn_accept(pushlet_t *p) PL_HIDDEN;
+/* Queue a shared buffer (takes a new reference). Drops the connection when over its bound. */
+void pl_conn_send(pl_conn *c, pl_buf *b) PL_HIDDEN;
+/* Finish sending what is queued, then close (graceful). */
+void pl_conn_end(pl_conn *c) PL_HIDDEN;
+/* Close now; the reason is logged at debug level. Safe during fan-out: takes effect at reap. */
+void pl_conn_close(pl_conn *c, const char *reason) PL_HIDDEN;
+/* Run once per loop turn (prepare phase): write every dirty connection, reap closed ones. */
+void pl_conns_flush(pushlet_t *p) PL_HIDDEN;
+void pl_conns_sweep_timeouts(pushlet_t *p) PL_HIDDEN;
+
+/* ---- Routing (router.c) -------------------------------------------------------------------- */
+
+/* A complete request arrived on `c`; answers it or turns the connection into a stream. */
+void pl_route(pl_conn *c, pl_http_req *r) PL_HIDDEN;
+/* Answer with a complete response; `extra` holds whole header lines ("Name: v\r\n"), may be "". */
+void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, const char *body,
+                size_t body_len, bool head_only) PL_HIDDEN;
+/* Answer an error status and close after it is sent. */
+void pl_respond_error_close(pl_conn *c, int status) PL_HIDDEN;
+
+/* ---- The broker (broker.c) ----------------------------------------------------------------- */
+
+typedef struct pl_config {
+    int64_t heartbeat_ms, header_timeout_ms, keepalive_timeout_ms, stop_timeout_ms, retry_ms;
+    int64_t max_connections, max_message_size, max_header_size, max_url_size, max_headers;
+    int64_t max_output_bytes, max_topics_per_connection, max_queued_messages, max_queued_bytes;
+    int64_t max_pending_events, http_publish, log_level;
+    char *sse_path, *ws_path, *publish_path, *publish_all_path, *send_path, *stats_path,
+        *health_path, *cors_origin, *publish_secret, *index_html;
+    char host[64];
+    int port;
+} pl_config;
+
+enum { PL_STATE_STOPPED = 0, PL_STATE_RUNNING, PL_STATE_STOPPING };
+
+struct pushlet {
+    /* Configuration and lifecycle: guarded by `state_mu`, fixed while running. */
+    uv_mutex_t state_mu;
+    int state;
+    pl_config cfg;
+    pl_http_limits limits;
+    uv_thread_t thread;
+    uv_thread_t loop_thread;     /* atomic: set by the loop thread itself, 0 when none */
+    bool stop_requested;         /* atomic */
+    int bound_port;              /* atomic */
+
+    /* Logging: `log_mu` guards the callback triple. */
+    uv_mutex_t log_mu;
+    pushlet_log_fn log_fn;
+    void *log_ud;
+    int log_fn_level;
+    int log_level;               /* atomic: least level for the pull queue */
+    pl_events events;
+
+    pl_inbox inbox;
+    int64_t stats[PUSHLET_STAT_COUNT];
+
+    /* Loop-thread state, valid while running. */
+    uv_loop_t loop;
+    uv_async_t wake;
+    uv_tcp_t listener;
+    uv_prepare_t flusher;
+    uv_timer_t ticker, heartbeat, stop_timer;
+    bool stopping;
+    int open_handles;            /* broker-owned handles not yet closed */
+    uint64_t next_id;
+    pl_topics topics;
+    pl_link conns_http, conns_stream;
+    pl_conn *dirty, *closing;
+    uint32_t nconns;
+    pl_buf *sse_preamble, *sse_heartbeat;
+    char *read_buf;              /* one per broker: every read is handled before the next */
+};
+
+#define PL_READ_BUF_SIZE 65536
+
+/* Publish on the loop thread: assigns the ID, fans out, takes ownership of `m`. */
+uint64_t pl_broker_dispatch(pushlet_t *p, pl_msg *m) PL_HIDDEN;
+/* Start/stop the loop side. Called by pushlet.c: start with state_mu held, stop without it
+ * (state STOPPING keeps other calls out). */
+int pl_broker_start(pushlet_t *p) PL_HIDDEN;
+void pl_broker_stop(pushlet_t *p) PL_HIDDEN;
+/* The stream connections whose handshake is complete now count toward stop; called when a
+ * connection closes so stop can finish. */
+void pl_broker_conn_gone(pushlet_t *p) PL_HIDDEN;
+bool pl_on_loop_thread(const pushlet_t *p) PL_HIDDEN;
+
+#endif /* PL_INTERNAL_H */

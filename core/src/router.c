@@ -1,0 +1,319 @@
+/* Request routing: turns a complete HTTP request into a response or an SSE stream. */
+#include "internal.h"
+
+#include <inttypes.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define TOPIC_BUF 256 /* decoded topic names beyond 128 bytes are invalid anyway */
+
+void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, const char *body,
+                size_t body_len, bool head_only)
+{
+    pushlet_t *p = c->p;
+    const char *fmt = "HTTP/1.1 %d %s\r\n"
+                      "Content-Type: %s\r\n"
+                      "Content-Length: %zu\r\n"
+                      "Access-Control-Allow-Origin: %s\r\n"
+                      "%s%s\r\n";
+    const char *conn_hdr = c->keep_alive ? "" : "Connection: close\r\n";
+    int hlen = snprintf(NULL, 0, fmt, status, pl_http_reason(status), ctype, body_len,
+                        p->cfg.cors_origin, extra, conn_hdr);
+    size_t blen = head_only ? 0 : body_len;
+    pl_buf *b = hlen < 0 ? NULL : pl_buf_new((size_t)hlen + 1 + blen);
+    if (!b) {
+        pl_conn_close(c, "out of memory");
+        return;
+    }
+    snprintf(b->data, (size_t)hlen + 1, fmt, status, pl_http_reason(status), ctype, body_len,
+             p->cfg.cors_origin, extra, conn_hdr);
+    if (blen)
+        memcpy(b->data + hlen, body, blen);
+    b->len = (uint32_t)((size_t)hlen + blen);
+    if (status >= 400)
+        PL_STAT_ADD(p, PUSHLET_STAT_HTTP_ERRORS, 1);
+    pl_conn_send(c, b);
+    pl_buf_unref(b);
+    if (!c->keep_alive)
+        pl_conn_end(c);
+}
+
+static void respond_text(pl_conn *c, int status, const char *extra, const char *text,
+                         bool head_only)
+{
+    pl_respond(c, status, extra, "text/plain; charset=utf-8", text, strlen(text), head_only);
+}
+
+void pl_respond_error_close(pl_conn *c, int status)
+{
+    char text[64];
+    snprintf(text, sizeof(text), "%s\n", pl_http_reason(status));
+    c->keep_alive = false;
+    respond_text(c, status, "", text, false);
+}
+
+static bool path_is(const char *path, size_t len, const char *want)
+{
+    return want && *want && strlen(want) == len && memcmp(path, want, len) == 0;
+}
+
+/* Finds `key` in a query string or form body; the value is decoded into a new buffer. */
+static int find_param(const char *q, size_t qlen, const char *key, char **out, size_t *out_len)
+{
+    pl_query_iter it;
+    char k[64];
+    size_t klen, vlen;
+    char *val = malloc(qlen + 1);
+    if (!val)
+        return PUSHLET_ENOMEM;
+    pl_query_init(&it, q, qlen);
+    int rc;
+    while ((rc = pl_query_next(&it, k, sizeof(k), &klen, val, qlen + 1, &vlen)) != 0) {
+        if (rc == 1 && strcmp(k, key) == 0) {
+            *out = val;
+            *out_len = vlen;
+            return 1;
+        }
+    }
+    free(val);
+    return 0;
+}
+
+static void preflight(pl_conn *c)
+{
+    static const char extra[] =
+        "Access-Control-Allow-Methods: GET, POST, HEAD, OPTIONS\r\n"
+        "Access-Control-Allow-Headers: Content-Type, Last-Event-ID, Authorization, "
+        "X-Pushlet-Secret\r\n"
+        "Access-Control-Max-Age: 86400\r\n";
+    pl_respond(c, 204, extra, "text/plain", "", 0, false);
+}
+
+static void method_not_allowed(pl_conn *c, const char *allow)
+{
+    char extra[96];
+    snprintf(extra, sizeof(extra), "Allow: %s\r\n", allow);
+    respond_text(c, 405, extra, "Method Not Allowed\n", false);
+}
+
+/* ---- SSE ------------------------------------------------------------------------------------ */
+
+static void start_sse(pl_conn *c, const char *query, size_t qlen)
+{
+    pushlet_t *p = c->p;
+    char key[64], topics[64][TOPIC_BUF];
+    size_t lens[64], klen;
+    size_t max = (size_t)p->cfg.max_topics_per_connection;
+    if (max > 64)
+        max = 64;
+    size_t n = 0;
+    pl_query_iter it;
+    char val[TOPIC_BUF];
+    size_t vlen;
+    int rc;
+    pl_query_init(&it, query, qlen);
+    while ((rc = pl_query_next(&it, key, sizeof(key), &klen, val, sizeof(val), &vlen)) != 0) {
+        if (rc < 0) {
+            respond_text(c, 400, "", "invalid query string or topic name\n", false);
+            return;
+        }
+        if (strcmp(key, "topic") != 0)
+            continue;
+        if (!pl_topic_name_valid(val, vlen)) {
+            respond_text(c, 400, "", "invalid topic name\n", false);
+            return;
+        }
+        if (n == max) {
+            respond_text(c, 400, "", "too many topics\n", false);
+            return;
+        }
+        memcpy(topics[n], val, vlen + 1);
+        lens[n++] = vlen;
+    }
+    if (n == 0) {
+        memcpy(topics[0], "default", 8);
+        lens[n++] = 7;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (pl_topics_subscribe(&p->topics, &c->subscriber, topics[i], lens[i]) < 0) {
+            pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
+            respond_text(c, 503, "", "out of memory\n", false);
+            return;
+        }
+    }
+    __atomic_store_n(&p->stats[PUSHLET_STAT_SUBSCRIPTIONS], (int64_t)p->topics.subscriptions,
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&p->stats[PUSHLET_STAT_TOPICS], (int64_t)p->topics.count, __ATOMIC_RELAXED);
+    c->kind = PL_CONN_SSE;
+    pl_list_remove(&c->link);
+    pl_list_push(&p->conns_stream, &c->link);
+    PL_STAT_ADD(p, PUSHLET_STAT_SSE_CONNECTIONS, 1);
+    pl_conn_send(c, p->sse_preamble);
+}
+
+/* ---- Publishing over HTTP ------------------------------------------------------------------- */
+
+static bool secret_ok(pushlet_t *p, const pl_http_req *r, const char *query, size_t qlen)
+{
+    const char *secret = p->cfg.publish_secret;
+    if (!secret || !*secret)
+        return true;
+    size_t slen = strlen(secret), vlen = 0;
+    const char *given = pl_http_header(r, "x-pushlet-secret", &vlen);
+    char *from_query = NULL;
+    if (!given) {
+        given = pl_http_header(r, "authorization", &vlen);
+        if (given && vlen > 7 && strncasecmp(given, "Bearer ", 7) == 0) {
+            given += 7;
+            vlen -= 7;
+        } else {
+            given = NULL;
+        }
+    }
+    if (!given && find_param(query, qlen, "secret", &from_query, &vlen) == 1)
+        given = from_query;
+    bool ok = given && vlen == slen && CRYPTO_memcmp(given, secret, slen) == 0;
+    free(from_query);
+    return ok;
+}
+
+static bool is_form(const pl_http_req *r)
+{
+    const char *ct = pl_http_header(r, "content-type", NULL);
+    return ct && strncasecmp(ct, "application/x-www-form-urlencoded", 33) == 0;
+}
+
+typedef enum { PUBLISH_TOPIC, PUBLISH_ALL, PUBLISH_SEND } publish_kind;
+
+static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t qlen,
+                           publish_kind kind)
+{
+    pushlet_t *p = c->p;
+    int method = r->parser.method;
+    if (kind == PUBLISH_SEND ? (method != HTTP_GET && method != HTTP_POST) : method != HTTP_POST) {
+        method_not_allowed(c, kind == PUBLISH_SEND ? "GET, POST, OPTIONS" : "POST, OPTIONS");
+        return;
+    }
+    if (!secret_ok(p, r, query, qlen)) {
+        respond_text(c, 401, "WWW-Authenticate: Bearer\r\n", "publish secret required\n", false);
+        return;
+    }
+    const char *body = r->body ? r->body : "";
+    bool form = kind == PUBLISH_SEND && method == HTTP_POST && is_form(r);
+    char *topic = NULL, *event = NULL, *message = NULL;
+    size_t topic_len = 0, event_len = 0, message_len = 0;
+    /* /send takes its fields from the query or a form body (the seed's form); the other
+     * endpoints take the data from the body as is. */
+    if (find_param(query, qlen, "topic", &topic, &topic_len) != 1 && form)
+        find_param(body, r->body_len, "topic", &topic, &topic_len);
+    find_param(query, qlen, "event", &event, &event_len);
+    if (kind == PUBLISH_SEND && find_param(query, qlen, "message", &message, &message_len) != 1 &&
+        form)
+        find_param(body, r->body_len, "message", &message, &message_len);
+    const char *t = topic ? topic : "default", *e = event ? event : "message";
+    if (!topic)
+        topic_len = 7;
+    if (!event)
+        event_len = 7;
+    const char *data = body;
+    size_t data_len = r->body_len;
+    if (message)
+        data = message, data_len = message_len;
+    else if (form)
+        data = "", data_len = 0;
+    int status = 200;
+    const char *err = NULL;
+    if (kind != PUBLISH_ALL && !pl_topic_name_valid(t, topic_len))
+        status = 400, err = "invalid topic name\n";
+    else if (!pl_event_name_valid(e, event_len))
+        status = 400, err = "invalid event name\n";
+    else if (data_len > (uint64_t)p->cfg.max_message_size)
+        status = 413, err = "message too large\n";
+    if (err) {
+        respond_text(c, status, "", err, false);
+    } else {
+        pl_msg *m = kind == PUBLISH_ALL ? pl_msg_new("", 0, e, event_len, data, data_len)
+                                        : pl_msg_new(t, topic_len, e, event_len, data, data_len);
+        if (!m) {
+            respond_text(c, 503, "", "out of memory\n", false);
+        } else {
+            m->to_all = kind == PUBLISH_ALL;
+            uint64_t id = pl_broker_dispatch(p, m);
+            char answer[48];
+            int n = snprintf(answer, sizeof(answer), "{\"id\":\"%" PRIu64 "\"}\n", id);
+            pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", answer,
+                       (size_t)n, false);
+        }
+    }
+    free(topic);
+    free(event);
+    free(message);
+}
+
+/* ---- Introspection -------------------------------------------------------------------------- */
+
+static void handle_stats(pl_conn *c, bool head_only)
+{
+    static const char *const names[PUSHLET_STAT_COUNT] = {
+        "connections",         "sse_connections", "subscriptions",   "topics",
+        "messages_in",         "messages_out",    "bytes_out",       "slow_consumer_drops",
+        "publish_rejected",    "connections_rejected", "http_errors", "connections_total",
+    };
+    char body[1024];
+    size_t n = 0;
+    body[n++] = '{';
+    for (int i = 0; i < PUSHLET_STAT_COUNT; i++)
+        n += (size_t)snprintf(body + n, sizeof(body) - n, "%s\"%s\":%" PRId64, i ? "," : "",
+                              names[i], pushlet_stat(c->p, (pushlet_stat_t)i));
+    n += (size_t)snprintf(body + n, sizeof(body) - n, "}\n");
+    pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", body, n, head_only);
+}
+
+void pl_route(pl_conn *c, pl_http_req *r)
+{
+    pushlet_t *p = c->p;
+    const pl_config *cfg = &p->cfg;
+    const char *path, *query;
+    size_t plen, qlen;
+    pl_url_split(pl_http_url(r), r->url.len, &path, &plen, &query, &qlen);
+    int method = r->parser.method;
+    bool get = method == HTTP_GET, head = method == HTTP_HEAD;
+
+    if (method == HTTP_OPTIONS) {
+        preflight(c);
+    } else if (path_is(path, plen, cfg->sse_path)) {
+        if (get)
+            start_sse(c, query, qlen);
+        else if (head)
+            pl_respond(c, 200, "Cache-Control: no-cache\r\n", "text/event-stream", "", 0, true);
+        else
+            method_not_allowed(c, "GET, HEAD, OPTIONS");
+    } else if (cfg->http_publish && path_is(path, plen, cfg->publish_path)) {
+        handle_publish(c, r, query, qlen, PUBLISH_TOPIC);
+    } else if (cfg->http_publish && path_is(path, plen, cfg->publish_all_path)) {
+        handle_publish(c, r, query, qlen, PUBLISH_ALL);
+    } else if (cfg->http_publish && path_is(path, plen, cfg->send_path)) {
+        handle_publish(c, r, query, qlen, PUBLISH_SEND);
+    } else if (path_is(path, plen, cfg->health_path)) {
+        if (get || head)
+            respond_text(c, 200, "Cache-Control: no-store\r\n", "ok\n", head);
+        else
+            method_not_allowed(c, "GET, HEAD, OPTIONS");
+    } else if (path_is(path, plen, cfg->stats_path)) {
+        if (get || head)
+            handle_stats(c, head);
+        else
+            method_not_allowed(c, "GET, HEAD, OPTIONS");
+    } else if (cfg->index_html && *cfg->index_html && plen == 1 && *path == '/') {
+        if (get || head)
+            pl_respond(c, 200, "", "text/html; charset=utf-8", cfg->index_html,
+                       strlen(cfg->index_html), head);
+        else
+            method_not_allowed(c, "GET, HEAD, OPTIONS");
+    } else {
+        respond_text(c, 404, "", "Not Found\n", head);
+    }
+}

@@ -1,0 +1,206 @@
+/* Topic registry: an open-addressing hash table of topics, each with a dense subscriber array
+ * for fast fan-out. A subscription is recorded on both sides with each side's index into the
+ * other, so subscribe and unsubscribe are O(1). Topics are freed when their last subscriber
+ * leaves. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+bool pl_topic_name_valid(const char *name, size_t len)
+{
+    if (len == 0 || len > 128)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)name[i];
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  (ch >= '0' && ch <= '9') || strchr("-_.:/@~!+=", ch) != NULL;
+        if (!ok || ch == '\0')
+            return false;
+    }
+    return true;
+}
+
+/* FNV-1a: topic names are short and come from clients, and the table is private per broker. */
+static uint32_t hash_name(const char *s, size_t len)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+void pl_topics_init(pl_topics *t) { memset(t, 0, sizeof(*t)); }
+
+void pl_topics_destroy(pl_topics *t)
+{
+    for (uint32_t i = 0; i < t->cap; i++) {
+        if (t->slots[i]) {
+            free(t->slots[i]->subs);
+            free(t->slots[i]);
+        }
+    }
+    free(t->slots);
+    memset(t, 0, sizeof(*t));
+}
+
+static uint32_t probe(const pl_topics *t, const char *name, size_t len, uint32_t h)
+{
+    uint32_t mask = t->cap - 1;
+    for (uint32_t i = h & mask;; i = (i + 1) & mask) {
+        pl_topic *tp = t->slots[i];
+        if (!tp || (tp->hash == h && tp->name_len == len && memcmp(tp->name, name, len) == 0))
+            return i;
+    }
+}
+
+pl_topic *pl_topics_find(const pl_topics *t, const char *name, size_t len)
+{
+    if (t->count == 0)
+        return NULL;
+    return t->slots[probe(t, name, len, hash_name(name, len))];
+}
+
+static int grow_table(pl_topics *t)
+{
+    uint32_t ncap = t->cap ? t->cap * 2 : 16;
+    pl_topic **ns = calloc(ncap, sizeof(*ns));
+    if (!ns)
+        return PUSHLET_ENOMEM;
+    for (uint32_t i = 0; i < t->cap; i++) {
+        pl_topic *tp = t->slots[i];
+        if (!tp)
+            continue;
+        uint32_t j = tp->hash & (ncap - 1);
+        while (ns[j])
+            j = (j + 1) & (ncap - 1);
+        ns[j] = tp;
+    }
+    free(t->slots);
+    t->slots = ns;
+    t->cap = ncap;
+    return 0;
+}
+
+/* Backward-shift deletion keeps probe chains intact without tombstones. */
+static void remove_slot(pl_topics *t, uint32_t i)
+{
+    uint32_t mask = t->cap - 1;
+    t->slots[i] = NULL;
+    for (uint32_t j = (i + 1) & mask; t->slots[j]; j = (j + 1) & mask) {
+        uint32_t home = t->slots[j]->hash & mask;
+        /* Move slot j into the hole when its home is not cyclically within (i, j]. */
+        bool in_range = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!in_range) {
+            t->slots[i] = t->slots[j];
+            t->slots[j] = NULL;
+            i = j;
+        }
+    }
+    t->count--;
+}
+
+static int find_sub(const pl_subscriber *s, const pl_topic *tp)
+{
+    for (int i = 0; i < s->nsubs; i++)
+        if (s->subs[i].topic == tp)
+            return i;
+    return -1;
+}
+
+int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len)
+{
+    if ((t->count + 1) * 4 > t->cap * 3 && grow_table(t) != 0)
+        return PUSHLET_ENOMEM;
+    uint32_t h = hash_name(name, len);
+    uint32_t slot = probe(t, name, len, h);
+    pl_topic *tp = t->slots[slot];
+    if (tp && find_sub(s, tp) >= 0)
+        return 1;
+    if (s->nsubs == s->cap) {
+        uint16_t ncap = s->cap ? (uint16_t)(s->cap * 2) : 2;
+        pl_sub *ns = realloc(s->subs, ncap * sizeof(*ns));
+        if (!ns)
+            return PUSHLET_ENOMEM;
+        s->subs = ns;
+        s->cap = ncap;
+    }
+    if (!tp) {
+        tp = calloc(1, sizeof(*tp) + len + 1);
+        if (!tp)
+            return PUSHLET_ENOMEM;
+        tp->hash = h;
+        tp->name_len = (uint16_t)len;
+        memcpy(tp->name, name, len);
+        t->slots[slot] = tp;
+        t->count++;
+    }
+    if (tp->nsubs == tp->cap) {
+        uint32_t ncap = tp->cap ? tp->cap * 2 : 4;
+        pl_topic_sub *ns = realloc(tp->subs, ncap * sizeof(*ns));
+        if (!ns) {
+            if (tp->nsubs == 0)
+                remove_slot(t, slot), free(tp);
+            return PUSHLET_ENOMEM;
+        }
+        tp->subs = ns;
+        tp->cap = ncap;
+    }
+    tp->subs[tp->nsubs] = (pl_topic_sub){s, s->nsubs};
+    s->subs[s->nsubs] = (pl_sub){tp, tp->nsubs};
+    tp->nsubs++;
+    s->nsubs++;
+    t->subscriptions++;
+    return 0;
+}
+
+static void unlink_sub(pl_topics *t, pl_subscriber *s, int k)
+{
+    pl_topic *tp = s->subs[k].topic;
+    uint32_t idx = s->subs[k].index;
+
+    /* Swap-remove from the topic, then fix the moved entry's back pointer. */
+    tp->subs[idx] = tp->subs[--tp->nsubs];
+    if (idx < tp->nsubs) {
+        pl_topic_sub *moved = &tp->subs[idx];
+        moved->sub->subs[moved->slot].index = idx;
+    }
+    /* Swap-remove from the subscriber, likewise. */
+    s->subs[k] = s->subs[--s->nsubs];
+    if (k < s->nsubs) {
+        pl_sub *moved = &s->subs[k];
+        moved->topic->subs[moved->index].slot = (uint32_t)k;
+    }
+    t->subscriptions--;
+
+    if (tp->nsubs == 0) {
+        remove_slot(t, probe(t, tp->name, tp->name_len, tp->hash));
+        free(tp->subs);
+        free(tp);
+    } else if (tp->nsubs * 4 < tp->cap && tp->cap > 16) {
+        pl_topic_sub *ns = realloc(tp->subs, (tp->cap / 2) * sizeof(*ns));
+        if (ns) {
+            tp->subs = ns;
+            tp->cap /= 2;
+        }
+    }
+}
+
+int pl_topics_unsubscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len)
+{
+    pl_topic *tp = pl_topics_find(t, name, len);
+    int k = tp ? find_sub(s, tp) : -1;
+    if (k < 0)
+        return 1;
+    unlink_sub(t, s, k);
+    return 0;
+}
+
+void pl_topics_unsubscribe_all(pl_topics *t, pl_subscriber *s)
+{
+    while (s->nsubs)
+        unlink_sub(t, s, s->nsubs - 1);
+    free(s->subs);
+    s->subs = NULL;
+    s->cap = 0;
+}
