@@ -201,10 +201,17 @@ static void release_loop_state(pushlet_t *p)
     pl_topics_destroy(&p->topics);
 }
 
+static void close_any(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
 /* Close whatever handles were initialised and let the loop finish the closes. */
 static void abandon_loop(pushlet_t *p)
 {
-    uv_walk(&p->loop, (uv_walk_cb)(void (*)(void))uv_close, NULL);
+    uv_walk(&p->loop, close_any, NULL);
     uv_run(&p->loop, UV_RUN_DEFAULT);
     uv_loop_close(&p->loop);
     release_loop_state(p);

@@ -281,6 +281,8 @@ void pl_route(pl_conn *c, pl_http_req *r)
     pl_url_split(pl_http_url(r), r->url.len, &path, &plen, &query, &qlen);
     int method = r->parser.method;
     bool get = method == HTTP_GET, head = method == HTTP_HEAD;
+    if (r->parser.upgrade)
+        c->keep_alive = false; /* what follows the head is another protocol's bytes */
 
     if (method == HTTP_OPTIONS) {
         preflight(c);
