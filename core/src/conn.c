@@ -101,6 +101,7 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
             return;
         }
         c->keep_alive = pl_http_keep_alive(c->req);
+        c->http10 = c->req->parser.http_minor == 0;
         pl_route(c, c->req);
         if (c->kind != PL_CONN_HTTP || c->ending || c->closing || len == 0) {
             pl_http_req_free(c->req);

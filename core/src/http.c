@@ -68,8 +68,19 @@ static int on_url(http_parser *hp, const char *at, size_t len)
     return add_piece(req_of(hp), SPAN_URL, at, len);
 }
 
+/* RFC 9110 token characters. http-parser tolerates whitespace before the colon, which a proxy
+ * in front may read differently (request smuggling): RFC 9112 5.1 requires a 400. */
+static bool is_tchar(unsigned char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
 static int on_header_field(http_parser *hp, const char *at, size_t len)
 {
+    for (size_t i = 0; i < len; i++)
+        if (!is_tchar((unsigned char)at[i]))
+            return fail(req_of(hp), 400);
     return add_piece(req_of(hp), SPAN_FIELD, at, len);
 }
 
@@ -85,9 +96,15 @@ static int on_headers_complete(http_parser *hp)
     r->head[r->head_len++] = '\0';
     r->last_span = SPAN_NONE;
     r->headers_done = true;
+    if (hp->http_major != 1)
+        return fail(r, 505);
+    size_t vlen;
+    /* Only "chunked" is understood; any other coding would leave the body's end unknown. */
+    const char *te = pl_http_header(r, "transfer-encoding", &vlen);
+    if (te && strcasecmp(te, "chunked") != 0)
+        return fail(r, 501);
     if ((hp->flags & F_CONTENTLENGTH) && hp->content_length > r->limits->max_body)
         return fail(r, 413);
-    size_t vlen;
     const char *expect = pl_http_header(r, "expect", &vlen);
     r->expect_continue = expect && strcasecmp(expect, "100-continue") == 0;
     return 0;
@@ -322,6 +339,8 @@ const char *pl_http_reason(int status)
     case 426: return "Upgrade Required";
     case 431: return "Request Header Fields Too Large";
     case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 505: return "HTTP Version Not Supported";
     case 503: return "Service Unavailable";
     default: return "Unknown";
     }

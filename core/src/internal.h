@@ -283,7 +283,7 @@ typedef struct pl_conn {
     uint32_t inflight;     /* leading buffers owned by the uv_write in progress */
     size_t out_bytes;      /* unsent bytes queued, the slow-consumer bound applies to this */
     uint8_t kind;          /* pl_conn_kind */
-    bool dirty, writing, closing, ending, shut, keep_alive;
+    bool dirty, writing, closing, ending, shut, keep_alive, http10;
 } pl_conn;
 
 void pl_conn_accept(pushlet_t *p) PL_HIDDEN;

@@ -19,7 +19,10 @@ void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, co
                       "Content-Length: %zu\r\n"
                       "Access-Control-Allow-Origin: %s\r\n"
                       "%s%s\r\n";
-    const char *conn_hdr = c->keep_alive ? "" : "Connection: close\r\n";
+    /* HTTP/1.0 peers only keep the connection when told so. */
+    const char *conn_hdr = !c->keep_alive ? "Connection: close\r\n"
+                           : c->http10    ? "Connection: keep-alive\r\n"
+                                          : "";
     int hlen = snprintf(NULL, 0, fmt, status, pl_http_reason(status), ctype, body_len,
                         p->cfg.cors_origin, extra, conn_hdr);
     size_t blen = head_only ? 0 : body_len;
