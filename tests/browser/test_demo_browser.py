@@ -1,0 +1,199 @@
+"""The demo page in a real headless Chromium, driven over the Chrome DevTools Protocol:
+its EventSource connects to pushletd and a message published with curl shows up in the page."""
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+import websockets
+
+import pushlet_testlib as pl
+
+CHROMIUM = "/usr/bin/chromium"
+
+# Installed before any page script runs: records every EventSource the page creates, so the
+# test can wait until the page's own stream is OPEN (readyState 1) as the browser sees it.
+TRACK_EVENTSOURCE = """
+(() => {
+  const Orig = window.EventSource;
+  if (!Orig) return;
+  window.__pushletTestES = [];
+  window.EventSource = new Proxy(Orig, {
+    construct(target, args) {
+      const es = Reflect.construct(target, args);
+      window.__pushletTestES.push(es);
+      return es;
+    }
+  });
+})();
+"""
+
+
+class CDP:
+    """Minimal Chrome DevTools Protocol client over one page target's WebSocket."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+        self.events = []
+
+    async def call(self, method, params=None, timeout=10.0):
+        self.next_id += 1
+        mid = self.next_id
+        await self.ws.send(json.dumps({"id": mid, "method": method, "params": params or {}}))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise pl.Timeout(f"CDP {method} got no answer within {timeout}s")
+            msg = json.loads(await asyncio.wait_for(self.ws.recv(), left))
+            if msg.get("id") == mid:
+                if "error" in msg:
+                    raise AssertionError(f"CDP {method} failed: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    async def evaluate(self, expression, timeout=10.0):
+        r = await self.call("Runtime.evaluate", {"expression": expression,
+                                                 "returnByValue": True}, timeout)
+        if "exceptionDetails" in r:
+            raise AssertionError(f"page exception evaluating {expression!r}: "
+                                 f"{r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    async def poll(self, expression, pred, timeout, what):
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = await self.evaluate(expression)
+            if pred(value):
+                return value
+            await asyncio.sleep(0.1)
+        raise pl.Timeout(f"timed out after {timeout}s waiting for {what}; last value: "
+                         f"{value!r}; page console/exceptions: {self.console()}")
+
+    def console(self):
+        out = []
+        for e in self.events:
+            if e.get("method") == "Runtime.consoleAPICalled":
+                out.append(" ".join(str(a.get("value", a.get("description", "")))
+                                    for a in e["params"].get("args", [])))
+            elif e.get("method") == "Runtime.exceptionThrown":
+                out.append("EXCEPTION " + json.dumps(e["params"].get("exceptionDetails", {}))[:500])
+        return out
+
+
+def http_json(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def start_chromium(profile, log):
+    return subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+         # port 0: Chromium picks a free port and writes it to <profile>/DevToolsActivePort
+         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def stop_chromium(proc):
+    """End the Chromium we started (by PID), then any helper left in its own process group."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group we created with start_new_session
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.mark.timeout(120)
+def test_demo_page_shows_published_message(pushletd):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed")
+    srv = pushletd()
+    profile = tempfile.mkdtemp(prefix="pushlet-chromium-")
+    log_path = os.path.join(profile, "..", os.path.basename(profile) + ".log")
+    log = open(log_path, "wb")
+    proc = start_chromium(profile, log)
+    try:
+        port_file = os.path.join(profile, "DevToolsActivePort")
+
+        def devtools_port():
+            if proc.poll() is not None:
+                raise AssertionError(f"chromium exited with {proc.returncode}: "
+                                     f"{open(log_path, 'rb').read()[-3000:]!r}")
+            try:
+                with open(port_file) as f:
+                    first = f.readline().strip()
+                return int(first) if first.isdigit() else None
+            except OSError:
+                return None
+
+        port = pl.wait_until(devtools_port, 30, 0.1, "Chromium's DevToolsActivePort")
+
+        def page_target():
+            try:
+                targets = http_json(f"http://127.0.0.1:{port}/json")
+            except OSError:
+                return None
+            pages = [t for t in targets if t.get("type") == "page"
+                     and t.get("webSocketDebuggerUrl")]
+            return pages[0] if pages else None
+
+        target = pl.wait_until(page_target, 20, 0.1, "a page target")
+        message = "hi-" + secrets.token_hex(8)
+
+        async def drive():
+            async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None,
+                                          open_timeout=10, close_timeout=5) as ws:
+                cdp = CDP(ws)
+                await cdp.call("Runtime.enable")
+                await cdp.call("Page.enable")
+                await cdp.call("Page.addScriptToEvaluateOnNewDocument",
+                               {"source": TRACK_EVENTSOURCE})
+                nav = await cdp.call("Page.navigate", {"url": srv.base + "/"}, timeout=20)
+                assert not nav.get("errorText"), f"navigation failed: {nav}"
+                await cdp.poll("document.readyState", lambda v: v == "complete", 15,
+                               "the demo page to load")
+                await cdp.poll("(window.__pushletTestES || []).map(e => e.readyState)",
+                               lambda v: v and 1 in v, 15,
+                               "the page's EventSource to be OPEN")
+                # and the server agrees a stream is attached
+                await asyncio.to_thread(
+                    pl.wait_until, lambda: srv.stats()["sse_connections"] >= 1, 10, 0.05,
+                    "sse_connections >= 1")
+                r = await asyncio.to_thread(
+                    subprocess.run,
+                    ["curl", "-sS", "--max-time", "10", "-X", "POST",
+                     f"{srv.base}/publish?topic=default", "-d", message],
+                    capture_output=True, timeout=20)
+                assert r.returncode == 0, r.stderr
+                assert json.loads(r.stdout)["id"].isdigit(), r.stdout
+                await cdp.poll("document.body ? document.body.innerText : ''",
+                               lambda v: v and message in v, 15,
+                               f"{message!r} in the page body")
+
+        pl.run_async(drive(), 90)
+    finally:
+        stop_chromium(proc)
+        log.close()
+        shutil.rmtree(profile, ignore_errors=True)
+        try:
+            os.unlink(log_path)
+        except OSError:
+            pass
