@@ -32,7 +32,7 @@ extern "C" {
 #define PUSHLET_VERSION_MINOR 1
 #define PUSHLET_VERSION_PATCH 0
 /** Version as one number, comparable with pushlet_version(). */
-#define PUSHLET_VERSION_HEX                                                                    \
+#define PUSHLET_VERSION_HEX                                                                        \
     ((PUSHLET_VERSION_MAJOR << 16) | (PUSHLET_VERSION_MINOR << 8) | PUSHLET_VERSION_PATCH)
 
 /** Error codes: every public call that can fail returns 0 or one of these. */
@@ -61,51 +61,51 @@ enum {
 
 /** Integer options, set with pushlet_set_int() before pushlet_start(). */
 typedef enum {
-    PUSHLET_OPT_HEARTBEAT_MS = 1,       /* SSE heartbeat interval; default 30000, 0 = none */
-    PUSHLET_OPT_HEADER_TIMEOUT_MS,      /* time to receive a request head (408); default 10000 */
-    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS,   /* idle keep-alive connections close; default 30000 */
-    PUSHLET_OPT_STOP_TIMEOUT_MS,        /* graceful stop deadline; default 5000 */
-    PUSHLET_OPT_RETRY_MS,               /* SSE `retry:` hint sent to clients; default 3000 */
-    PUSHLET_OPT_MAX_CONNECTIONS,        /* more are answered 503; default 10000 */
-    PUSHLET_OPT_MAX_MESSAGE_SIZE,       /* bytes of data per message; default 65536 */
-    PUSHLET_OPT_MAX_HEADER_SIZE,        /* request line + headers, bytes (431); default 8192 */
-    PUSHLET_OPT_MAX_URL_SIZE,           /* request target, bytes (414); default 4096 */
-    PUSHLET_OPT_MAX_HEADERS,            /* header fields per request (431); default 64 */
-    PUSHLET_OPT_MAX_OUTPUT_BYTES,       /* unsent bytes per connection before it is dropped as a
-                                           slow consumer; default 1048576 */
+    PUSHLET_OPT_HEARTBEAT_MS = 1,          /* SSE heartbeat interval; default 30000, 0 = none */
+    PUSHLET_OPT_HEADER_TIMEOUT_MS,         /* time to receive a request head (408); default 10000 */
+    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS,      /* idle keep-alive connections close; default 30000 */
+    PUSHLET_OPT_STOP_TIMEOUT_MS,           /* graceful stop deadline; default 5000 */
+    PUSHLET_OPT_RETRY_MS,                  /* SSE `retry:` hint sent to clients; default 3000 */
+    PUSHLET_OPT_MAX_CONNECTIONS,           /* more are answered 503; default 10000 */
+    PUSHLET_OPT_MAX_MESSAGE_SIZE,          /* bytes of data per message; default 65536 */
+    PUSHLET_OPT_MAX_HEADER_SIZE,           /* request line + headers, bytes (431); default 8192 */
+    PUSHLET_OPT_MAX_URL_SIZE,              /* request target, bytes (414); default 4096 */
+    PUSHLET_OPT_MAX_HEADERS,               /* header fields per request (431); default 64 */
+    PUSHLET_OPT_MAX_OUTPUT_BYTES,          /* unsent bytes per connection before it is dropped as a
+                                              slow consumer; default 1048576 */
     PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION, /* default 64 */
-    PUSHLET_OPT_MAX_QUEUED_MESSAGES,    /* publishes waiting for the loop (EFULL); default 65536 */
-    PUSHLET_OPT_MAX_QUEUED_BYTES,       /* bytes waiting for the loop (EFULL); default 64 MiB */
-    PUSHLET_OPT_MAX_PENDING_EVENTS,     /* pull-queue events kept before dropping; default 4096 */
-    PUSHLET_OPT_HTTP_PUBLISH,           /* 1 = serve the HTTP publish endpoints; default 0 */
-    PUSHLET_OPT_LOG_LEVEL,              /* least level reported; default PUSHLET_LOG_INFO */
+    PUSHLET_OPT_MAX_QUEUED_MESSAGES, /* publishes waiting for the loop (EFULL); default 65536 */
+    PUSHLET_OPT_MAX_QUEUED_BYTES,    /* bytes waiting for the loop (EFULL); default 64 MiB */
+    PUSHLET_OPT_MAX_PENDING_EVENTS,  /* pull-queue events kept before dropping; default 4096 */
+    PUSHLET_OPT_HTTP_PUBLISH,        /* 1 = serve the HTTP publish endpoints; default 0 */
+    PUSHLET_OPT_LOG_LEVEL,           /* least level reported; default PUSHLET_LOG_INFO */
     /* String options, set with pushlet_set_str(). */
-    PUSHLET_OPT_SSE_PATH = 100,         /* default "/events" */
-    PUSHLET_OPT_WS_PATH,                /* default "/ws" (reserved for the WebSocket transport) */
-    PUSHLET_OPT_PUBLISH_PATH,           /* default "/publish" */
-    PUSHLET_OPT_PUBLISH_ALL_PATH,       /* default "/publish_all" */
-    PUSHLET_OPT_SEND_PATH,              /* default "/send" (the seed's GET publish) */
-    PUSHLET_OPT_STATS_PATH,             /* default "/stats" */
-    PUSHLET_OPT_HEALTH_PATH,            /* default "/healthz" */
-    PUSHLET_OPT_CORS_ORIGIN,            /* Access-Control-Allow-Origin; default "*" */
-    PUSHLET_OPT_PUBLISH_SECRET,         /* required by the HTTP publish endpoints; default none */
-    PUSHLET_OPT_INDEX_HTML,             /* page served at GET /; default none (404) */
+    PUSHLET_OPT_SSE_PATH = 100,   /* default "/events" */
+    PUSHLET_OPT_WS_PATH,          /* default "/ws" (reserved for the WebSocket transport) */
+    PUSHLET_OPT_PUBLISH_PATH,     /* default "/publish" */
+    PUSHLET_OPT_PUBLISH_ALL_PATH, /* default "/publish_all" */
+    PUSHLET_OPT_SEND_PATH,        /* default "/send" (the seed's GET publish) */
+    PUSHLET_OPT_STATS_PATH,       /* default "/stats" */
+    PUSHLET_OPT_HEALTH_PATH,      /* default "/healthz" */
+    PUSHLET_OPT_CORS_ORIGIN,      /* Access-Control-Allow-Origin; default "*" */
+    PUSHLET_OPT_PUBLISH_SECRET,   /* required by the HTTP publish endpoints; default none */
+    PUSHLET_OPT_INDEX_HTML,       /* page served at GET /; default none (404) */
 } pushlet_option_t;
 
 /** Counters and gauges, read with pushlet_stat(). */
 typedef enum {
-    PUSHLET_STAT_CONNECTIONS = 0,       /* open client connections (gauge) */
-    PUSHLET_STAT_SSE_CONNECTIONS,       /* open SSE streams (gauge) */
-    PUSHLET_STAT_SUBSCRIPTIONS,         /* (connection, topic) pairs (gauge) */
-    PUSHLET_STAT_TOPICS,                /* topics with at least one subscriber (gauge) */
-    PUSHLET_STAT_MESSAGES_IN,           /* messages published */
-    PUSHLET_STAT_MESSAGES_OUT,          /* message deliveries queued to connections */
-    PUSHLET_STAT_BYTES_OUT,             /* bytes written to sockets */
-    PUSHLET_STAT_SLOW_CONSUMER_DROPS,   /* connections dropped over their output bound */
-    PUSHLET_STAT_PUBLISH_REJECTED,      /* publishes refused (queue full, too big, ...) */
-    PUSHLET_STAT_CONNECTIONS_REJECTED,  /* connections answered 503 */
-    PUSHLET_STAT_HTTP_ERRORS,           /* requests answered with a 4xx/5xx status */
-    PUSHLET_STAT_CONNECTIONS_TOTAL,     /* connections accepted since start */
+    PUSHLET_STAT_CONNECTIONS = 0,      /* open client connections (gauge) */
+    PUSHLET_STAT_SSE_CONNECTIONS,      /* open SSE streams (gauge) */
+    PUSHLET_STAT_SUBSCRIPTIONS,        /* (connection, topic) pairs (gauge) */
+    PUSHLET_STAT_TOPICS,               /* topics with at least one subscriber (gauge) */
+    PUSHLET_STAT_MESSAGES_IN,          /* messages published */
+    PUSHLET_STAT_MESSAGES_OUT,         /* message deliveries queued to connections */
+    PUSHLET_STAT_BYTES_OUT,            /* bytes written to sockets */
+    PUSHLET_STAT_SLOW_CONSUMER_DROPS,  /* connections dropped over their output bound */
+    PUSHLET_STAT_PUBLISH_REJECTED,     /* publishes refused (queue full, too big, ...) */
+    PUSHLET_STAT_CONNECTIONS_REJECTED, /* connections answered 503 */
+    PUSHLET_STAT_HTTP_ERRORS,          /* requests answered with a 4xx/5xx status */
+    PUSHLET_STAT_CONNECTIONS_TOTAL,    /* connections accepted since start */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 

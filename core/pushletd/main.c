@@ -18,7 +18,7 @@ typedef enum { KIND_STR, KIND_INT, KIND_SECONDS, KIND_LEVEL, KIND_LISTEN } flag_
 typedef struct flag {
     const char *name; /* --name, env PUSHLET_NAME */
     flag_kind kind;
-    int option;       /* pushlet_option_t, or 0 */
+    int option; /* pushlet_option_t, or 0 */
     const char *help;
 } flag;
 
@@ -91,9 +91,12 @@ static int fail(const char *name, const char *value, const char *why)
 
 static int parse_level(const char *v)
 {
-    static const struct { const char *name; int level; } levels[] = {
-        {"debug", PUSHLET_LOG_DEBUG}, {"info", PUSHLET_LOG_INFO}, {"warn", PUSHLET_LOG_WARN},
-        {"warning", PUSHLET_LOG_WARN}, {"error", PUSHLET_LOG_ERROR}, {"off", PUSHLET_LOG_OFF}};
+    static const struct {
+        const char *name;
+        int level;
+    } levels[] = {{"debug", PUSHLET_LOG_DEBUG}, {"info", PUSHLET_LOG_INFO},
+                  {"warn", PUSHLET_LOG_WARN},   {"warning", PUSHLET_LOG_WARN},
+                  {"error", PUSHLET_LOG_ERROR}, {"off", PUSHLET_LOG_OFF}};
     for (size_t i = 0; i < sizeof(levels) / sizeof(levels[0]); i++)
         if (strcasecmp(v, levels[i].name) == 0)
             return levels[i].level;
@@ -105,9 +108,7 @@ static int apply(pushlet_t *p, const flag *f, const char *v)
     char *end;
     int rc = 0;
     switch (f->kind) {
-    case KIND_STR:
-        rc = pushlet_set_str(p, f->option, v);
-        break;
+    case KIND_STR: rc = pushlet_set_str(p, f->option, v); break;
     case KIND_INT: {
         errno = 0;
         long long n = strtoll(v, &end, 10);

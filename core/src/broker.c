@@ -88,8 +88,7 @@ static void on_stop_deadline(uv_timer_t *t)
     for (pl_link *l = p->conns_http.next; l != &p->conns_http; l = l->next, n++)
         pl_conn_close(pl_container_of(l, pl_conn, link), "stop deadline");
     if (n)
-        pl_warn(p, "broker", "stop deadline reached: closing %d connections with unsent output",
-                n);
+        pl_warn(p, "broker", "stop deadline reached: closing %d connections with unsent output", n);
 }
 
 static void begin_stop(pushlet_t *p)
@@ -115,13 +114,16 @@ static void begin_stop(pushlet_t *p)
 static void on_wake(uv_async_t *a)
 {
     pushlet_t *p = a->loop->data;
+    /* Read the stop flag before taking the list: stop closes the inbox before setting it, so
+     * this take then holds every message published before the stop. */
+    bool stop = __atomic_load_n(&p->stop_requested, __ATOMIC_ACQUIRE);
     pl_msg *m = pl_inbox_take_all(&p->inbox);
     while (m) {
         pl_msg *next = m->next;
         pl_broker_dispatch(p, m);
         m = next;
     }
-    if (__atomic_load_n(&p->stop_requested, __ATOMIC_ACQUIRE) && !p->stopping)
+    if (stop && !p->stopping)
         begin_stop(p);
 }
 
@@ -259,12 +261,12 @@ int pl_broker_start(pushlet_t *p)
     int rc = 0;
     if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat)
         rc = PUSHLET_ENOMEM;
-    if (!rc && (uv_tcp_init(&p->loop, &p->listener) != 0 ||
-                uv_async_init(&p->loop, &p->wake, on_wake) != 0 ||
-                uv_prepare_init(&p->loop, &p->flusher) != 0 ||
-                uv_timer_init(&p->loop, &p->ticker) != 0 ||
-                uv_timer_init(&p->loop, &p->heartbeat) != 0 ||
-                uv_timer_init(&p->loop, &p->stop_timer) != 0))
+    if (!rc &&
+        (uv_tcp_init(&p->loop, &p->listener) != 0 ||
+         uv_async_init(&p->loop, &p->wake, on_wake) != 0 ||
+         uv_prepare_init(&p->loop, &p->flusher) != 0 || uv_timer_init(&p->loop, &p->ticker) != 0 ||
+         uv_timer_init(&p->loop, &p->heartbeat) != 0 ||
+         uv_timer_init(&p->loop, &p->stop_timer) != 0))
         rc = PUSHLET_ESYSTEM;
     if (!rc)
         rc = bind_listener(p);

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_IOV 256
+#define MAX_IOV   256
 #define LINGER_MS 2000 /* after an error response, keep draining input this long (no RST) */
 
 typedef struct write_req {

@@ -76,6 +76,7 @@ void pl_events_push(pl_events *ev, pushlet_event_t *e)
 {
     pushlet_event_t *note = NULL;
     uv_mutex_lock(&ev->mu);
+    bool was_empty = ev->count == 0;
     if (ev->count >= ev->max_count) {
         ev->dropped++;
         uv_mutex_unlock(&ev->mu);
@@ -94,7 +95,6 @@ void pl_events_push(pl_events *ev, pushlet_event_t *e)
             ev->count++;
         }
     }
-    bool was_empty = ev->count == 0;
     *ev->tail = e;
     ev->tail = &e->next;
     ev->count++;

@@ -96,6 +96,13 @@ static int on_headers_complete(http_parser *hp)
     r->head[r->head_len++] = '\0';
     r->last_span = SPAN_NONE;
     r->headers_done = true;
+    /* Trailing whitespace is not part of a field value (RFC 9110 5.5). */
+    for (uint32_t i = 0; i < r->nheaders; i++) {
+        pl_span *v = &r->values[i];
+        while (v->len &&
+               (r->head[v->off + v->len - 1] == ' ' || r->head[v->off + v->len - 1] == '\t'))
+            r->head[v->off + --v->len] = '\0';
+    }
     if (hp->http_major != 1)
         return fail(r, 505);
     size_t vlen;
@@ -238,9 +245,9 @@ void pl_url_split(const char *url, size_t len, const char **path, size_t *path_l
     const char *p = url;
     /* Absolute form (RFC 7230 5.3.2): skip scheme and authority. */
     if (len > 7 && (strncasecmp(url, "http://", 7) == 0 || strncasecmp(url, "https://", 8) == 0)) {
-        p = memchr(url + 8, '/', len - 8);
-        if (!p)
-            p = end;
+        p = url + (url[4] == ':' ? 7 : 8);
+        while (p < end && *p != '/' && *p != '?' && *p != '#')
+            p++;
     }
     const char *q = memchr(p, '?', (size_t)(end - p));
     const char *hash = memchr(p, '#', (size_t)(end - p));

@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#define PL_HIDDEN __attribute__((visibility("hidden")))
+#define PL_HIDDEN       __attribute__((visibility("hidden")))
 #define PL_PRINTF(f, a) __attribute__((format(printf, f, a)))
 
 #define pl_container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
@@ -41,10 +41,10 @@ static inline void pl_list_remove(pl_link *node)
 
 /* ---- Counters: written by the loop thread only, read from any thread ----------------------- */
 
-#define PL_STAT_ADD(p, which, n)                                                               \
+#define PL_STAT_ADD(p, which, n)                                                                   \
     __atomic_store_n(&(p)->stats[which], (p)->stats[which] + (n), __ATOMIC_RELAXED)
 /* For counters that other threads also bump (publish rejections). */
-#define PL_STAT_ADD_SHARED(p, which, n)                                                        \
+#define PL_STAT_ADD_SHARED(p, which, n)                                                            \
     __atomic_fetch_add(&(p)->stats[which], (n), __ATOMIC_RELAXED)
 
 /* ---- Refcounted byte buffers (message.c) --------------------------------------------------- */
@@ -70,12 +70,12 @@ void pl_buf_unref(pl_buf *b) PL_HIDDEN;
 typedef struct pl_msg {
     struct pl_msg *next; /* inbox link */
     uint32_t refs;
-    bool to_all;         /* publish-to-all rather than to `topic` */
+    bool to_all; /* publish-to-all rather than to `topic` */
     uint16_t topic_len, event_len;
     uint32_t data_len;
-    uint64_t id;         /* assigned on the loop by pl_broker_dispatch() */
-    int64_t published_ms; /* wall clock at publish, for timestamps (never for ordering) */
-    pl_buf *sse;         /* SSE encoding, made on first use */
+    uint64_t id;                /* assigned on the loop by pl_broker_dispatch() */
+    int64_t published_ms;       /* wall clock at publish, for timestamps (never for ordering) */
+    pl_buf *sse;                /* SSE encoding, made on first use */
     char *topic, *event, *data; /* NUL-terminated, inside `storage` */
     char storage[];
 } pl_msg;
@@ -97,8 +97,8 @@ typedef struct pl_inbox {
     pl_msg *head, **tail;
     size_t count, bytes;
     size_t max_count, max_bytes, max_data;
-    bool open;         /* accepting pushes (the loop is running and not stopping) */
-    uv_async_t *wake;  /* signalled when the list turns non-empty */
+    bool open;        /* accepting pushes (the loop is running and not stopping) */
+    uv_async_t *wake; /* signalled when the list turns non-empty */
 } pl_inbox;
 
 int pl_inbox_init(pl_inbox *q) PL_HIDDEN;
@@ -182,7 +182,7 @@ enum { PL_HTTP_INCOMPLETE = 0, PL_HTTP_COMPLETE = 1, PL_HTTP_ERROR = -1 };
 typedef struct pl_http_req {
     http_parser parser;
     const pl_http_limits *limits;
-    int error_status;  /* with PL_HTTP_ERROR: the status to answer (400, 413, 414, 431) */
+    int error_status; /* with PL_HTTP_ERROR: the status to answer (400, 413, 414, 431) */
     bool complete;
     bool headers_done;
     uint8_t last_span; /* which head element the last callback appended to */
@@ -190,7 +190,7 @@ typedef struct pl_http_req {
     uint32_t nheaders;
     pl_span url;
     pl_span names[PL_HTTP_MAX_HEADERS_CAP], values[PL_HTTP_MAX_HEADERS_CAP];
-    char *head;        /* request target and header bytes, each span NUL-terminated */
+    char *head; /* request target and header bytes, each span NUL-terminated */
     uint32_t head_len, head_cap;
     char *body;
     size_t body_len, body_cap;
@@ -231,8 +231,8 @@ size_t pl_sse_size(const char *id, size_t id_len, const char *event, size_t even
                    const char *data, size_t data_len) PL_HIDDEN;
 /* Writes "id: ..\nevent: ..\n" + one "data: " line per line of data + "\n"; returns bytes
  * written (exactly pl_sse_size()). Any of \r\n, \n, \r ends a data line. */
-size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event,
-                     size_t event_len, const char *data, size_t data_len) PL_HIDDEN;
+size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event, size_t event_len,
+                     const char *data, size_t data_len) PL_HIDDEN;
 
 /* ---- Logging and the pull queue (events.c) ------------------------------------------------- */
 
@@ -249,8 +249,8 @@ typedef struct pl_events {
     uv_mutex_t mu;
     pushlet_event_t *head, **tail;
     size_t count, max_count, dropped;
-    uint32_t mask;   /* PUSHLET_EVENT_* kinds queued */
-    int fd;          /* eventfd: readable while the queue is non-empty */
+    uint32_t mask; /* PUSHLET_EVENT_* kinds queued */
+    int fd;        /* eventfd: readable while the queue is non-empty */
 } pl_events;
 
 int pl_events_init(pl_events *ev) PL_HIDDEN;
@@ -260,8 +260,8 @@ void pl_events_push(pl_events *ev, pushlet_event_t *e) PL_HIDDEN; /* Thread: any
 void pl_log(pushlet_t *p, int level, const char *component, const char *fmt, ...)
     PL_PRINTF(4, 5) PL_HIDDEN; /* Thread: any */
 #define pl_debug(p, c, ...) pl_log((p), PUSHLET_LOG_DEBUG, (c), __VA_ARGS__)
-#define pl_info(p, c, ...) pl_log((p), PUSHLET_LOG_INFO, (c), __VA_ARGS__)
-#define pl_warn(p, c, ...) pl_log((p), PUSHLET_LOG_WARN, (c), __VA_ARGS__)
+#define pl_info(p, c, ...)  pl_log((p), PUSHLET_LOG_INFO, (c), __VA_ARGS__)
+#define pl_warn(p, c, ...)  pl_log((p), PUSHLET_LOG_WARN, (c), __VA_ARGS__)
 #define pl_error(p, c, ...) pl_log((p), PUSHLET_LOG_ERROR, (c), __VA_ARGS__)
 
 /* ---- Connections (conn.c) ------------------------------------------------------------------ */
@@ -271,18 +271,18 @@ typedef enum { PL_CONN_HTTP = 0, PL_CONN_SSE } pl_conn_kind;
 typedef struct pl_conn {
     uv_tcp_t tcp;
     pushlet_t *p;
-    pl_link link;          /* in p->conns_http or p->conns_stream */
+    pl_link link; /* in p->conns_http or p->conns_stream */
     struct pl_conn *next_dirty, *next_closing;
-    pl_http_req *req;      /* only while a request is being read */
-    uint64_t deadline;     /* loop ms: request head / keep-alive deadline (HTTP only) */
+    pl_http_req *req;  /* only while a request is being read */
+    uint64_t deadline; /* loop ms: request head / keep-alive deadline (HTTP only) */
     pl_subscriber subscriber;
     /* Output: a queue of shared buffers; out[out_head] has out_off bytes already written. */
     pl_buf **out;
     uint32_t out_head, out_tail, out_cap;
     uint32_t out_off;
-    uint32_t inflight;     /* leading buffers owned by the uv_write in progress */
-    size_t out_bytes;      /* unsent bytes queued, the slow-consumer bound applies to this */
-    uint8_t kind;          /* pl_conn_kind */
+    uint32_t inflight; /* leading buffers owned by the uv_write in progress */
+    size_t out_bytes;  /* unsent bytes queued, the slow-consumer bound applies to this */
+    uint8_t kind;      /* pl_conn_kind */
     bool dirty, writing, closing, ending, shut, keep_alive, http10;
 } pl_conn;
 
@@ -329,16 +329,16 @@ struct pushlet {
     pl_config cfg;
     pl_http_limits limits;
     uv_thread_t thread;
-    uv_thread_t loop_thread;     /* atomic: set by the loop thread itself, 0 when none */
-    bool stop_requested;         /* atomic */
-    int bound_port;              /* atomic */
+    uv_thread_t loop_thread; /* atomic: set by the loop thread itself, 0 when none */
+    bool stop_requested;     /* atomic */
+    int bound_port;          /* atomic */
 
     /* Logging: `log_mu` guards the callback triple. */
     uv_mutex_t log_mu;
     pushlet_log_fn log_fn;
     void *log_ud;
     int log_fn_level;
-    int log_level;               /* atomic: least level for the pull queue */
+    int log_level; /* atomic: least level for the pull queue */
     pl_events events;
 
     pl_inbox inbox;
@@ -351,14 +351,14 @@ struct pushlet {
     uv_prepare_t flusher;
     uv_timer_t ticker, heartbeat, stop_timer;
     bool stopping;
-    int open_handles;            /* broker-owned handles not yet closed */
+    int open_handles; /* broker-owned handles not yet closed */
     uint64_t next_id;
     pl_topics topics;
     pl_link conns_http, conns_stream;
     pl_conn *dirty, *closing;
     uint32_t nconns;
     pl_buf *sse_preamble, *sse_heartbeat;
-    char *read_buf;              /* one per broker: every read is handled before the next */
+    char *read_buf; /* one per broker: every read is handled before the next */
 };
 
 #define PL_READ_BUF_SIZE 65536

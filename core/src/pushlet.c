@@ -5,7 +5,7 @@
 #include <string.h>
 
 #define STR_(x) #x
-#define STR(x) STR_(x)
+#define STR(x)  STR_(x)
 
 unsigned int pushlet_version(void) { return PUSHLET_VERSION_HEX; }
 
@@ -40,7 +40,10 @@ typedef struct int_option {
     int64_t def, min, max;
 } int_option;
 
-#define INT_OPT(o, field, d, lo, hi) {o, offsetof(pl_config, field), d, lo, hi}
+#define INT_OPT(o, field, d, lo, hi)                                                               \
+    {                                                                                              \
+        o, offsetof(pl_config, field), d, lo, hi                                                   \
+    }
 static const int_option int_options[] = {
     INT_OPT(PUSHLET_OPT_HEARTBEAT_MS, heartbeat_ms, 30000, 0, 86400000),
     INT_OPT(PUSHLET_OPT_HEADER_TIMEOUT_MS, header_timeout_ms, 10000, 1, 3600000),
@@ -68,7 +71,10 @@ typedef struct str_option {
     bool is_path;
 } str_option;
 
-#define STR_OPT(o, field, d, path) {o, offsetof(pl_config, field), d, path}
+#define STR_OPT(o, field, d, path)                                                                 \
+    {                                                                                              \
+        o, offsetof(pl_config, field), d, path                                                     \
+    }
 static const str_option str_options[] = {
     STR_OPT(PUSHLET_OPT_SSE_PATH, sse_path, "/events", true),
     STR_OPT(PUSHLET_OPT_WS_PATH, ws_path, "/ws", true),
@@ -329,8 +335,8 @@ int pushlet_free(pushlet_t *p)
 
 /* ---- Publishing ----------------------------------------------------------------------------- */
 
-static int publish(pushlet_t *p, const char *topic, const char *event, const char *data,
-                   size_t len, bool to_all)
+static int publish(pushlet_t *p, const char *topic, const char *event, const char *data, size_t len,
+                   bool to_all)
 {
     if (!p || (!data && len))
         return PUSHLET_EINVAL;

@@ -247,8 +247,8 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
             uint64_t id = pl_broker_dispatch(p, m);
             char answer[48];
             int n = snprintf(answer, sizeof(answer), "{\"id\":\"%" PRIu64 "\"}\n", id);
-            pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", answer,
-                       (size_t)n, false);
+            pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", answer, (size_t)n,
+                       false);
         }
     }
     free(topic);
@@ -261,9 +261,9 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
 static void handle_stats(pl_conn *c, bool head_only)
 {
     static const char *const names[PUSHLET_STAT_COUNT] = {
-        "connections",         "sse_connections", "subscriptions",   "topics",
-        "messages_in",         "messages_out",    "bytes_out",       "slow_consumer_drops",
-        "publish_rejected",    "connections_rejected", "http_errors", "connections_total",
+        "connections",      "sse_connections",      "subscriptions", "topics",
+        "messages_in",      "messages_out",         "bytes_out",     "slow_consumer_drops",
+        "publish_rejected", "connections_rejected", "http_errors",   "connections_total",
     };
     char body[1024];
     size_t n = 0;

@@ -55,8 +55,8 @@ static char *put(char *out, const char *s, size_t n)
     return out + n;
 }
 
-size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event,
-                     size_t event_len, const char *data, size_t data_len)
+size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event, size_t event_len,
+                     const char *data, size_t data_len)
 {
     char *o = out;
     if (id_len) {

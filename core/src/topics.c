@@ -117,8 +117,11 @@ int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t
     pl_topic *tp = t->slots[slot];
     if (tp && find_sub(s, tp) >= 0)
         return 1;
+    if (s->nsubs == UINT16_MAX)
+        return PUSHLET_ENOMEM;
     if (s->nsubs == s->cap) {
-        uint16_t ncap = s->cap ? (uint16_t)(s->cap * 2) : 2;
+        uint32_t wanted = s->cap ? (uint32_t)s->cap * 2 : 2;
+        uint16_t ncap = wanted > UINT16_MAX ? UINT16_MAX : (uint16_t)wanted;
         pl_sub *ns = realloc(s->subs, ncap * sizeof(*ns));
         if (!ns)
             return PUSHLET_ENOMEM;

@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const pl_http_limits limits = {.max_url = 512, .max_head = 2048, .max_headers = 16,
-                                      .max_body = 4096};
+static const pl_http_limits limits = {
+    .max_url = 512, .max_head = 2048, .max_headers = 16, .max_body = 4096};
 
 static void walk_request(const pl_http_req *r)
 {
