@@ -5,6 +5,7 @@ TSAN_BUILD ?= build-tsan
 FUZZ_BUILD ?= build-fuzz
 DEMO_ADDR  ?= 127.0.0.1:8080
 FUZZ_SECONDS ?= 30
+FUZZ_TARGETS = $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 JOBS       ?= $(shell nproc)
 PYTHON     ?= /usr/bin/python3
 CMAKE_FLAGS ?=
@@ -69,9 +70,9 @@ test-tsan: deps
 fuzz: deps
 	@CC=clang cmake -S . -B $(FUZZ_BUILD) -DPUSHLET_BUILD_FUZZ=ON -DPUSHLET_SANITIZE=address \
 	  -DPUSHLET_BUILD_TESTS=OFF -DPUSHLET_BUILD_BENCH=OFF >/dev/null
-	@cmake --build $(FUZZ_BUILD) -j$(JOBS) --target fuzz_http fuzz_sse
-	@for t in http sse; do \
-	  mkdir -p $(FUZZ_BUILD)/corpus-$$t; \
+	@cmake --build $(FUZZ_BUILD) -j$(JOBS)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus-$$t tests/fuzz/corpus/$$t; \
 	  if $(FUZZ_BUILD)/bin/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
 	       $(FUZZ_BUILD)/corpus-$$t tests/fuzz/corpus/$$t >$(FUZZ_BUILD)/fuzz_$$t.log 2>&1; \
 	  then echo "fuzz_$$t: $(FUZZ_SECONDS)s, $$(grep -o 'stat::number_of_executed_units: [0-9]*' \

@@ -234,6 +234,57 @@ size_t pl_sse_size(const char *id, size_t id_len, const char *event, size_t even
 size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event, size_t event_len,
                      const char *data, size_t data_len) PL_HIDDEN;
 
+/* ---- WebSocket frame codec (ws_frame.c): pure, resumable at any byte ---------------------------------- */
+
+enum {
+    PL_WS_CONT = 0x0,
+    PL_WS_TEXT = 0x1,
+    PL_WS_BINARY = 0x2,
+    PL_WS_CLOSE = 0x8,
+    PL_WS_PING = 0x9,
+    PL_WS_PONG = 0xA,
+};
+#define PL_WS_MAX_HEADER 10 /* server frames are never masked */
+
+typedef struct pl_ws_parser {
+    uint8_t hdr[14];
+    uint8_t hdr_len;
+    bool in_payload, fin, allow_rsv1, msg_compressed;
+    uint8_t opcode, msg_opcode; /* msg_opcode: TEXT/BINARY while a message is open, else 0 */
+    uint8_t mask[4];
+    uint8_t ctl_len;
+    uint8_t ctl[125];           /* a control frame's payload, unmasked */
+    uint32_t utf8;              /* pl_utf8_step state for the open text message */
+    uint64_t remaining, offset; /* of the current frame's payload */
+    uint64_t msg_len, max_message;
+} pl_ws_parser;
+
+enum { PL_WS_NEED_MORE = 0, PL_WS_DATA = 1, PL_WS_CONTROL = 2, PL_WS_ERROR = -1 };
+
+typedef struct pl_ws_event {
+    uint8_t opcode;     /* DATA: TEXT/BINARY of the message; CONTROL: CLOSE/PING/PONG */
+    bool compressed;    /* DATA: the message has RSV1 (permessage-deflate) */
+    bool message_end;   /* DATA: this chunk ends the message */
+    uint16_t close_code; /* ERROR: the close code to send (1002, 1007, 1009) */
+    const uint8_t *data; /* DATA: unmasked, inside the caller's buffer; CONTROL: in the parser */
+    size_t len;
+} pl_ws_event;
+
+void pl_ws_parser_init(pl_ws_parser *ps, uint64_t max_message, bool allow_rsv1) PL_HIDDEN;
+/* Parses up to `len` bytes, unmasking payload in place. Returns at the first event (DATA chunk,
+ * complete CONTROL frame, ERROR) with *consumed telling how far it got, or NEED_MORE once all of
+ * `len` is consumed. Text messages are UTF-8 checked unless compressed (1007). */
+int pl_ws_parse(pl_ws_parser *ps, uint8_t *data, size_t len, size_t *consumed, pl_ws_event *ev)
+    PL_HIDDEN;
+size_t pl_ws_frame_header(uint8_t out[PL_WS_MAX_HEADER], uint8_t opcode, bool fin, bool rsv1,
+                          uint64_t len) PL_HIDDEN;
+bool pl_ws_close_code_valid(unsigned code) PL_HIDDEN;
+bool pl_ws_key_valid(const char *key, size_t len) PL_HIDDEN;
+void pl_ws_accept_key(const char *key, size_t len, char out[29]) PL_HIDDEN;
+/* Incremental UTF-8 check: feed state 0 first; 0 after the last byte = valid, ~0u = invalid. */
+uint32_t pl_utf8_step(uint32_t state, const uint8_t *s, size_t len) PL_HIDDEN;
+bool pl_utf8_valid(const uint8_t *s, size_t len) PL_HIDDEN;
+
 /* ---- Logging and the pull queue (events.c) ------------------------------------------------- */
 
 struct pushlet_event {
