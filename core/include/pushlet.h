@@ -90,6 +90,8 @@ typedef enum {
     PUSHLET_OPT_CORS_ORIGIN,      /* Access-Control-Allow-Origin; default "*" */
     PUSHLET_OPT_PUBLISH_SECRET,   /* required by the HTTP publish endpoints; default none */
     PUSHLET_OPT_INDEX_HTML,       /* page served at GET /; default none (404) */
+    PUSHLET_OPT_WS_ORIGINS,       /* Origin values (comma-separated) allowed to open a
+                                     WebSocket; default any */
 } pushlet_option_t;
 
 /** Counters and gauges, read with pushlet_stat(). */
@@ -106,6 +108,7 @@ typedef enum {
     PUSHLET_STAT_CONNECTIONS_REJECTED, /* connections answered 503 */
     PUSHLET_STAT_HTTP_ERRORS,          /* requests answered with a 4xx/5xx status */
     PUSHLET_STAT_CONNECTIONS_TOTAL,    /* connections accepted since start */
+    PUSHLET_STAT_WS_CONNECTIONS,       /* open WebSocket connections (gauge) */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 

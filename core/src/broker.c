@@ -21,29 +21,32 @@ bool pl_on_loop_thread(const pushlet_t *p)
     return uv_thread_equal(&self, &loop); /* loop_thread is 0 while no loop runs */
 }
 
+/* Queues the message on one connection in its wire format (encoded once, then shared). */
+static int64_t deliver(pl_msg *m, pl_conn *c)
+{
+    pl_buf *b = pl_msg_encode(m, c->format);
+    if (!b) {
+        pl_conn_close(c, "out of memory encoding a message");
+        return 0;
+    }
+    pl_conn_send(c, b);
+    return 1;
+}
+
 uint64_t pl_broker_dispatch(pushlet_t *p, pl_msg *m)
 {
     /* The one place IDs are made: a per-broker sequence (see docs/ARCHITECTURE.md). */
     m->id = ++p->next_id;
     uint64_t id = m->id;
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_IN, 1);
-    pl_buf *b = pl_msg_sse(m);
-    if (!b) {
-        pl_error(p, "broker", "out of memory encoding message %llu", (unsigned long long)id);
-        pl_msg_unref(m);
-        return id;
-    }
     int64_t delivered = 0;
     if (m->to_all) {
-        for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next) {
-            pl_conn_send(pl_container_of(l, pl_conn, link), b);
-            delivered++;
-        }
+        for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
+            delivered += deliver(m, pl_container_of(l, pl_conn, link));
     } else {
         pl_topic *t = pl_topics_find(&p->topics, m->topic, m->topic_len);
         for (uint32_t i = 0; t && i < t->nsubs; i++)
-            pl_conn_send(pl_container_of(t->subs[i].sub, pl_conn, subscriber), b);
-        delivered = t ? t->nsubs : 0;
+            delivered += deliver(m, pl_container_of(t->subs[i].sub, pl_conn, subscriber));
     }
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, delivered);
     pl_msg_unref(m);
@@ -96,12 +99,19 @@ static void begin_stop(pushlet_t *p)
     p->stopping = true;
     close_handle(p, (uv_handle_t *)&p->listener);
     uv_timer_stop(&p->heartbeat);
-    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
-        pl_conn_end(pl_container_of(l, pl_conn, link));
+    /* Ending a WebSocket moves it to the HTTP list (to linger): iterate with the next saved. */
+    for (pl_link *l = p->conns_stream.next, *next; l != &p->conns_stream; l = next) {
+        next = l->next;
+        pl_conn *c = pl_container_of(l, pl_conn, link);
+        if (c->kind == PL_CONN_WS)
+            pl_ws_close(c, 1001, "server stopping");
+        else
+            pl_conn_end(c);
+    }
     for (pl_link *l = p->conns_http.next; l != &p->conns_http; l = l->next) {
         pl_conn *c = pl_container_of(l, pl_conn, link);
         if (c->ending)
-            continue; /* an answer is on its way: let it finish */
+            continue; /* an answer (or a close handshake) is on its way: let it finish */
         if (c->out_head != c->out_tail || c->writing)
             pl_conn_end(c);
         else
@@ -134,8 +144,13 @@ static void on_tick(uv_timer_t *t) { pl_conns_sweep_timeouts(t->loop->data); }
 static void on_heartbeat(uv_timer_t *t)
 {
     pushlet_t *p = t->loop->data;
-    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
-        pl_conn_send(pl_container_of(l, pl_conn, link), p->sse_heartbeat);
+    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next) {
+        pl_conn *c = pl_container_of(l, pl_conn, link);
+        if (c->kind == PL_CONN_WS)
+            pl_ws_heartbeat(c);
+        else
+            pl_conn_send(c, p->sse_heartbeat);
+    }
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -197,7 +212,8 @@ static void release_loop_state(pushlet_t *p)
 {
     pl_buf_unref(p->sse_preamble);
     pl_buf_unref(p->sse_heartbeat);
-    p->sse_preamble = p->sse_heartbeat = NULL;
+    pl_buf_unref(p->ws_ping);
+    p->sse_preamble = p->sse_heartbeat = p->ws_ping = NULL;
     free(p->read_buf);
     p->read_buf = NULL;
     pl_topics_destroy(&p->topics);
@@ -258,8 +274,9 @@ int pl_broker_start(pushlet_t *p)
     p->read_buf = malloc(PL_READ_BUF_SIZE);
     p->sse_preamble = make_preamble(p);
     p->sse_heartbeat = pl_buf_from(": heartbeat\n\n", 13);
+    p->ws_ping = pl_buf_from("\x89\x00", 2); /* an empty ping frame, shared by all */
     int rc = 0;
-    if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat)
+    if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat || !p->ws_ping)
         rc = PUSHLET_ENOMEM;
     if (!rc &&
         (uv_tcp_init(&p->loop, &p->listener) != 0 ||

@@ -103,6 +103,12 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
         c->keep_alive = pl_http_keep_alive(c->req);
         c->http10 = c->req->parser.http_minor == 0;
         pl_route(c, c->req);
+        if (c->kind == PL_CONN_WS && len > 0 && !c->closing && !c->ending) {
+            /* Frames sent right behind the upgrade request, in the same read. The read buffer
+             * is the broker's own, so unmasking in place is fine. */
+            pl_ws_on_read(c, (uint8_t *)(uintptr_t)data, len);
+            len = 0;
+        }
         if (c->kind != PL_CONN_HTTP || c->ending || c->closing || len == 0) {
             pl_http_req_free(c->req);
             c->req = NULL;
@@ -122,9 +128,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     /* Streams take no input, and a connection being ended only drains what the peer still
      * sends, so that closing does not reset the connection before the peer read our answer. */
-    if (nread == 0 || c->closing || c->ending || c->kind != PL_CONN_HTTP)
+    if (nread == 0 || c->closing || c->ending || c->kind == PL_CONN_SSE)
         return;
-    read_requests(c, buf->base, (size_t)nread);
+    if (c->kind == PL_CONN_WS)
+        pl_ws_on_read(c, (uint8_t *)buf->base, (size_t)nread);
+    else
+        read_requests(c, buf->base, (size_t)nread);
 }
 
 /* ---- Output --------------------------------------------------------------------------------- */
@@ -219,7 +228,7 @@ static void on_shutdown(uv_shutdown_t *req, int status)
         pl_conn_close(c, "shutdown");
         return;
     }
-    if (c->kind != PL_CONN_HTTP) {
+    if (c->kind == PL_CONN_SSE) {
         pl_conn_close(c, "stream ended");
         return;
     }
@@ -310,6 +319,11 @@ void pl_conn_end(pl_conn *c)
         return;
     c->ending = true;
     c->deadline = uv_now(&c->p->loop) + LINGER_MS;
+    if (c->kind == PL_CONN_WS) {
+        /* Its close handshake lingers like an HTTP error answer: watched by the sweep. */
+        pl_list_remove(&c->link);
+        pl_list_push(&c->p->conns_http, &c->link);
+    }
     if (c->out_head == c->out_tail && !c->writing)
         drained(c);
 }
@@ -334,6 +348,7 @@ static void on_close(uv_handle_t *h)
         pl_buf_unref(c->out[i]);
     free(c->out);
     pl_http_req_free(c->req);
+    pl_ws_free(c);
     free(c);
     p->nconns--;
     PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS, -1);
@@ -345,13 +360,12 @@ static void reap(pl_conn *c)
     pushlet_t *p = c->p;
     if (c->subscriber.nsubs) {
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
-        __atomic_store_n(&p->stats[PUSHLET_STAT_SUBSCRIPTIONS], (int64_t)p->topics.subscriptions,
-                         __ATOMIC_RELAXED);
-        __atomic_store_n(&p->stats[PUSHLET_STAT_TOPICS], (int64_t)p->topics.count,
-                         __ATOMIC_RELAXED);
+        pl_sync_topic_stats(p);
     }
     if (c->kind == PL_CONN_SSE)
         PL_STAT_ADD(p, PUSHLET_STAT_SSE_CONNECTIONS, -1);
+    else if (c->kind == PL_CONN_WS)
+        PL_STAT_ADD(p, PUSHLET_STAT_WS_CONNECTIONS, -1);
     pl_list_remove(&c->link);
     uv_close((uv_handle_t *)&c->tcp, on_close);
 }

@@ -329,6 +329,27 @@ int pl_query_next(pl_query_iter *it, char *key, size_t key_cap, size_t *key_len,
     return 0;
 }
 
+int pl_query_find(const char *q, size_t qlen, const char *key, char **out, size_t *out_len)
+{
+    pl_query_iter it;
+    char k[64];
+    size_t klen, vlen;
+    char *val = malloc(qlen + 1);
+    if (!val)
+        return PUSHLET_ENOMEM;
+    pl_query_init(&it, q, qlen);
+    int rc;
+    while ((rc = pl_query_next(&it, k, sizeof(k), &klen, val, qlen + 1, &vlen)) != 0) {
+        if (rc == 1 && strcmp(k, key) == 0) {
+            *out = val;
+            *out_len = vlen;
+            return 1;
+        }
+    }
+    free(val);
+    return 0;
+}
+
 const char *pl_http_reason(int status)
 {
     switch (status) {

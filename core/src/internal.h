@@ -65,6 +65,9 @@ static inline pl_buf *pl_buf_ref(pl_buf *b)
 }
 void pl_buf_unref(pl_buf *b) PL_HIDDEN;
 
+/* Wire formats: each message is encoded at most once per format. */
+typedef enum { PL_FMT_SSE = 0, PL_FMT_WS_JSON, PL_FMT_WS_MSGPACK, PL_FMT_COUNT } pl_format;
+
 /* A published message: created (and its strings copied) by the publishing thread, handed to the
  * loop through the inbox, then owned by the loop. Encoded lazily, once per wire format. */
 typedef struct pl_msg {
@@ -75,7 +78,7 @@ typedef struct pl_msg {
     uint32_t data_len;
     uint64_t id;                /* assigned on the loop by pl_broker_dispatch() */
     int64_t published_ms;       /* wall clock at publish, for timestamps (never for ordering) */
-    pl_buf *sse;                /* SSE encoding, made on first use */
+    pl_buf *enc[PL_FMT_COUNT];  /* per wire format (pl_format), made on first use */
     char *topic, *event, *data; /* NUL-terminated, inside `storage` */
     char storage[];
 } pl_msg;
@@ -88,7 +91,12 @@ static inline pl_msg *pl_msg_ref(pl_msg *m)
     return m;
 }
 void pl_msg_unref(pl_msg *m) PL_HIDDEN;
-pl_buf *pl_msg_sse(pl_msg *m) PL_HIDDEN; /* borrowed: owned by the message */
+/* The message in `format` (pl_format), encoded on first use; borrowed, owned by the message.
+ * NULL when out of memory. (codec.c) */
+pl_buf *pl_msg_encode(pl_msg *m, int format) PL_HIDDEN;
+size_t pl_format_timestamp(int64_t ms, char out[32]) PL_HIDDEN; /* RFC 3339 UTC, ms */
+/* JSON string body for any bytes (invalid UTF-8 becomes U+FFFD); out NULL = length only. */
+size_t pl_json_escape(char *out, const char *s, size_t n) PL_HIDDEN;
 
 /* ---- Cross-thread inbox (inbox.c): mutex-guarded list, wakes the loop on empty→non-empty ---- */
 
@@ -234,7 +242,8 @@ size_t pl_sse_size(const char *id, size_t id_len, const char *event, size_t even
 size_t pl_sse_encode(char *out, const char *id, size_t id_len, const char *event, size_t event_len,
                      const char *data, size_t data_len) PL_HIDDEN;
 
-/* ---- WebSocket frame codec (ws_frame.c): pure, resumable at any byte ---------------------------------- */
+/* ---- WebSocket frame codec (ws_frame.c): pure, resumable at any byte
+ * ---------------------------------- */
 
 enum {
     PL_WS_CONT = 0x0,
@@ -262,9 +271,9 @@ typedef struct pl_ws_parser {
 enum { PL_WS_NEED_MORE = 0, PL_WS_DATA = 1, PL_WS_CONTROL = 2, PL_WS_ERROR = -1 };
 
 typedef struct pl_ws_event {
-    uint8_t opcode;     /* DATA: TEXT/BINARY of the message; CONTROL: CLOSE/PING/PONG */
-    bool compressed;    /* DATA: the message has RSV1 (permessage-deflate) */
-    bool message_end;   /* DATA: this chunk ends the message */
+    uint8_t opcode;      /* DATA: TEXT/BINARY of the message; CONTROL: CLOSE/PING/PONG */
+    bool compressed;     /* DATA: the message has RSV1 (permessage-deflate) */
+    bool message_end;    /* DATA: this chunk ends the message */
     uint16_t close_code; /* ERROR: the close code to send (1002, 1007, 1009) */
     const uint8_t *data; /* DATA: unmasked, inside the caller's buffer; CONTROL: in the parser */
     size_t len;
@@ -274,8 +283,8 @@ void pl_ws_parser_init(pl_ws_parser *ps, uint64_t max_message, bool allow_rsv1) 
 /* Parses up to `len` bytes, unmasking payload in place. Returns at the first event (DATA chunk,
  * complete CONTROL frame, ERROR) with *consumed telling how far it got, or NEED_MORE once all of
  * `len` is consumed. Text messages are UTF-8 checked unless compressed (1007). */
-int pl_ws_parse(pl_ws_parser *ps, uint8_t *data, size_t len, size_t *consumed, pl_ws_event *ev)
-    PL_HIDDEN;
+int pl_ws_parse(pl_ws_parser *ps, uint8_t *data, size_t len, size_t *consumed,
+                pl_ws_event *ev) PL_HIDDEN;
 size_t pl_ws_frame_header(uint8_t out[PL_WS_MAX_HEADER], uint8_t opcode, bool fin, bool rsv1,
                           uint64_t len) PL_HIDDEN;
 bool pl_ws_close_code_valid(unsigned code) PL_HIDDEN;
@@ -317,7 +326,8 @@ void pl_log(pushlet_t *p, int level, const char *component, const char *fmt, ...
 
 /* ---- Connections (conn.c) ------------------------------------------------------------------ */
 
-typedef enum { PL_CONN_HTTP = 0, PL_CONN_SSE } pl_conn_kind;
+typedef enum { PL_CONN_HTTP = 0, PL_CONN_SSE, PL_CONN_WS } pl_conn_kind;
+typedef struct pl_ws_conn pl_ws_conn;
 
 typedef struct pl_conn {
     uv_tcp_t tcp;
@@ -333,7 +343,9 @@ typedef struct pl_conn {
     uint32_t out_off;
     uint32_t inflight; /* leading buffers owned by the uv_write in progress */
     size_t out_bytes;  /* unsent bytes queued, the slow-consumer bound applies to this */
+    pl_ws_conn *ws;    /* WebSocket state, only on WebSocket connections */
     uint8_t kind;      /* pl_conn_kind */
+    uint8_t format;    /* pl_format of the messages it receives */
     bool dirty, writing, closing, ending, shut, keep_alive, http10;
 } pl_conn;
 
@@ -348,6 +360,18 @@ void pl_conn_close(pl_conn *c, const char *reason) PL_HIDDEN;
 void pl_conns_flush(pushlet_t *p) PL_HIDDEN;
 void pl_conns_sweep_timeouts(pushlet_t *p) PL_HIDDEN;
 
+/* ---- WebSocket transport (ws.c) ---------------------------------------------------------- */
+
+/* Answers an upgrade request on the WebSocket path: handshake, or an HTTP error. */
+void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen) PL_HIDDEN;
+/* Frames from the peer; `data` is mutable (unmasked in place). */
+void pl_ws_on_read(pl_conn *c, uint8_t *data, size_t len) PL_HIDDEN;
+/* Ping the peer, or drop it if the previous ping went unanswered. */
+void pl_ws_heartbeat(pl_conn *c) PL_HIDDEN;
+/* Send a close frame and end the connection once it is written. */
+void pl_ws_close(pl_conn *c, uint16_t code, const char *reason) PL_HIDDEN;
+void pl_ws_free(pl_conn *c) PL_HIDDEN;
+
 /* ---- Routing (router.c) -------------------------------------------------------------------- */
 
 /* A complete request arrived on `c`; answers it or turns the connection into a stream. */
@@ -357,6 +381,18 @@ void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, co
                 size_t body_len, bool head_only) PL_HIDDEN;
 /* Answer an error status and close after it is sent. */
 void pl_respond_error_close(pl_conn *c, int status) PL_HIDDEN;
+void pl_respond_text(pl_conn *c, int status, const char *extra, const char *text) PL_HIDDEN;
+/* Validates every `topic` parameter of the query, then subscribes `c` to all of them (or to
+ * "default" when there are none and `use_default`). Returns 0, else the HTTP status to answer
+ * with `*err` set to a one-line reason. */
+int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_default,
+                       const char **err) PL_HIDDEN;
+/* Keeps the gauges in step with the topic registry. */
+void pl_sync_topic_stats(pushlet_t *p) PL_HIDDEN;
+/* Finds `key` in a query string or form body; its decoded value goes to a new buffer that the
+ * caller frees. Returns 1 when found, 0 when not, PUSHLET_ENOMEM. */
+int pl_query_find(const char *q, size_t qlen, const char *key, char **out,
+                  size_t *out_len) PL_HIDDEN;
 
 /* ---- The broker (broker.c) ----------------------------------------------------------------- */
 
@@ -366,7 +402,7 @@ typedef struct pl_config {
     int64_t max_output_bytes, max_topics_per_connection, max_queued_messages, max_queued_bytes;
     int64_t max_pending_events, http_publish, log_level;
     char *sse_path, *ws_path, *publish_path, *publish_all_path, *send_path, *stats_path,
-        *health_path, *cors_origin, *publish_secret, *index_html;
+        *health_path, *cors_origin, *publish_secret, *index_html, *ws_origins;
     char host[64];
     int port;
 } pl_config;
@@ -408,7 +444,7 @@ struct pushlet {
     pl_link conns_http, conns_stream;
     pl_conn *dirty, *closing;
     uint32_t nconns;
-    pl_buf *sse_preamble, *sse_heartbeat;
+    pl_buf *sse_preamble, *sse_heartbeat, *ws_ping;
     char *read_buf; /* one per broker: every read is handled before the next */
 };
 

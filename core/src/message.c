@@ -2,8 +2,6 @@
  * that gets it queues a reference to that one buffer. */
 #include "internal.h"
 
-#include <inttypes.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -67,22 +65,8 @@ pl_msg *pl_msg_new(const char *topic, size_t topic_len, const char *event, size_
 void pl_msg_unref(pl_msg *m)
 {
     if (m && --m->refs == 0) {
-        pl_buf_unref(m->sse);
+        for (int i = 0; i < PL_FMT_COUNT; i++)
+            pl_buf_unref(m->enc[i]);
         free(m);
     }
-}
-
-pl_buf *pl_msg_sse(pl_msg *m)
-{
-    if (m->sse)
-        return m->sse;
-    char id[24];
-    int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);
-    size_t n = pl_sse_size(id, (size_t)id_len, m->event, m->event_len, m->data, m->data_len);
-    pl_buf *b = pl_buf_new(n);
-    if (!b)
-        return NULL;
-    pl_sse_encode(b->data, id, (size_t)id_len, m->event, m->event_len, m->data, m->data_len);
-    m->sse = b;
-    return b;
 }

@@ -86,6 +86,7 @@ static const str_option str_options[] = {
     STR_OPT(PUSHLET_OPT_CORS_ORIGIN, cors_origin, "*", false),
     STR_OPT(PUSHLET_OPT_PUBLISH_SECRET, publish_secret, "", false),
     STR_OPT(PUSHLET_OPT_INDEX_HTML, index_html, "", false),
+    STR_OPT(PUSHLET_OPT_WS_ORIGINS, ws_origins, "", false),
 };
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))

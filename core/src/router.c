@@ -50,6 +50,13 @@ static void respond_text(pl_conn *c, int status, const char *extra, const char *
     pl_respond(c, status, extra, "text/plain; charset=utf-8", text, strlen(text), head_only);
 }
 
+void pl_respond_text(pl_conn *c, int status, const char *extra, const char *text)
+{
+    char line[160];
+    snprintf(line, sizeof(line), "%s\n", text);
+    respond_text(c, status, extra, line, false);
+}
+
 void pl_respond_error_close(pl_conn *c, int status)
 {
     char text[64];
@@ -61,28 +68,6 @@ void pl_respond_error_close(pl_conn *c, int status)
 static bool path_is(const char *path, size_t len, const char *want)
 {
     return want && *want && strlen(want) == len && memcmp(path, want, len) == 0;
-}
-
-/* Finds `key` in a query string or form body; the value is decoded into a new buffer. */
-static int find_param(const char *q, size_t qlen, const char *key, char **out, size_t *out_len)
-{
-    pl_query_iter it;
-    char k[64];
-    size_t klen, vlen;
-    char *val = malloc(qlen + 1);
-    if (!val)
-        return PUSHLET_ENOMEM;
-    pl_query_init(&it, q, qlen);
-    int rc;
-    while ((rc = pl_query_next(&it, k, sizeof(k), &klen, val, qlen + 1, &vlen)) != 0) {
-        if (rc == 1 && strcmp(k, key) == 0) {
-            *out = val;
-            *out_len = vlen;
-            return 1;
-        }
-    }
-    free(val);
-    return 0;
 }
 
 static void preflight(pl_conn *c)
@@ -104,53 +89,70 @@ static void method_not_allowed(pl_conn *c, const char *allow)
 
 /* ---- SSE ------------------------------------------------------------------------------------ */
 
-static void start_sse(pl_conn *c, const char *query, size_t qlen)
+void pl_sync_topic_stats(pushlet_t *p)
+{
+    __atomic_store_n(&p->stats[PUSHLET_STAT_SUBSCRIPTIONS], (int64_t)p->topics.subscriptions,
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&p->stats[PUSHLET_STAT_TOPICS], (int64_t)p->topics.count, __ATOMIC_RELAXED);
+}
+
+int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_default,
+                       const char **err)
 {
     pushlet_t *p = c->p;
-    char key[64], topics[64][TOPIC_BUF];
-    size_t lens[64], klen;
+    char key[64], topics[64][TOPIC_BUF], val[TOPIC_BUF];
+    size_t lens[64], klen, vlen, n = 0;
     size_t max = (size_t)p->cfg.max_topics_per_connection;
     if (max > 64)
         max = 64;
-    size_t n = 0;
     pl_query_iter it;
-    char val[TOPIC_BUF];
-    size_t vlen;
     int rc;
     pl_query_init(&it, query, qlen);
     while ((rc = pl_query_next(&it, key, sizeof(key), &klen, val, sizeof(val), &vlen)) != 0) {
         if (rc < 0) {
-            respond_text(c, 400, "", "invalid query string or topic name\n", false);
-            return;
+            *err = "invalid query string or topic name";
+            return 400;
         }
         if (strcmp(key, "topic") != 0)
             continue;
         if (!pl_topic_name_valid(val, vlen)) {
-            respond_text(c, 400, "", "invalid topic name\n", false);
-            return;
+            *err = "invalid topic name";
+            return 400;
         }
         if (n == max) {
-            respond_text(c, 400, "", "too many topics\n", false);
-            return;
+            *err = "too many topics";
+            return 400;
         }
         memcpy(topics[n], val, vlen + 1);
         lens[n++] = vlen;
     }
-    if (n == 0) {
+    if (n == 0 && use_default) {
         memcpy(topics[0], "default", 8);
         lens[n++] = 7;
     }
     for (size_t i = 0; i < n; i++) {
         if (pl_topics_subscribe(&p->topics, &c->subscriber, topics[i], lens[i]) < 0) {
             pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
-            respond_text(c, 503, "", "out of memory\n", false);
-            return;
+            pl_sync_topic_stats(p);
+            *err = "out of memory";
+            return 503;
         }
     }
-    __atomic_store_n(&p->stats[PUSHLET_STAT_SUBSCRIPTIONS], (int64_t)p->topics.subscriptions,
-                     __ATOMIC_RELAXED);
-    __atomic_store_n(&p->stats[PUSHLET_STAT_TOPICS], (int64_t)p->topics.count, __ATOMIC_RELAXED);
+    pl_sync_topic_stats(p);
+    return 0;
+}
+
+static void start_sse(pl_conn *c, const char *query, size_t qlen)
+{
+    pushlet_t *p = c->p;
+    const char *err;
+    int status = pl_subscribe_query(c, query, qlen, true, &err);
+    if (status) {
+        pl_respond_text(c, status, "", err);
+        return;
+    }
     c->kind = PL_CONN_SSE;
+    c->format = PL_FMT_SSE;
     pl_list_remove(&c->link);
     pl_list_push(&p->conns_stream, &c->link);
     PL_STAT_ADD(p, PUSHLET_STAT_SSE_CONNECTIONS, 1);
@@ -176,7 +178,7 @@ static bool secret_ok(pushlet_t *p, const pl_http_req *r, const char *query, siz
             given = NULL;
         }
     }
-    if (!given && find_param(query, qlen, "secret", &from_query, &vlen) == 1)
+    if (!given && pl_query_find(query, qlen, "secret", &from_query, &vlen) == 1)
         given = from_query;
     bool ok = given && vlen == slen && CRYPTO_memcmp(given, secret, slen) == 0;
     free(from_query);
@@ -210,12 +212,12 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
     size_t topic_len = 0, event_len = 0, message_len = 0;
     /* /send takes its fields from the query or a form body (the seed's form); the other
      * endpoints take the data from the body as is. */
-    if (find_param(query, qlen, "topic", &topic, &topic_len) != 1 && form)
-        find_param(body, r->body_len, "topic", &topic, &topic_len);
-    find_param(query, qlen, "event", &event, &event_len);
-    if (kind == PUBLISH_SEND && find_param(query, qlen, "message", &message, &message_len) != 1 &&
-        form)
-        find_param(body, r->body_len, "message", &message, &message_len);
+    if (pl_query_find(query, qlen, "topic", &topic, &topic_len) != 1 && form)
+        pl_query_find(body, r->body_len, "topic", &topic, &topic_len);
+    pl_query_find(query, qlen, "event", &event, &event_len);
+    if (kind == PUBLISH_SEND &&
+        pl_query_find(query, qlen, "message", &message, &message_len) != 1 && form)
+        pl_query_find(body, r->body_len, "message", &message, &message_len);
     const char *t = topic ? topic : "default", *e = event ? event : "message";
     if (!topic)
         topic_len = 7;
@@ -264,6 +266,7 @@ static void handle_stats(pl_conn *c, bool head_only)
         "connections",      "sse_connections",      "subscriptions", "topics",
         "messages_in",      "messages_out",         "bytes_out",     "slow_consumer_drops",
         "publish_rejected", "connections_rejected", "http_errors",   "connections_total",
+        "ws_connections",
     };
     char body[1024];
     size_t n = 0;
@@ -284,7 +287,7 @@ void pl_route(pl_conn *c, pl_http_req *r)
     pl_url_split(pl_http_url(r), r->url.len, &path, &plen, &query, &qlen);
     int method = r->parser.method;
     bool get = method == HTTP_GET, head = method == HTTP_HEAD;
-    if (r->parser.upgrade)
+    if (r->parser.upgrade && !path_is(path, plen, cfg->ws_path))
         c->keep_alive = false; /* what follows the head is another protocol's bytes */
 
     if (method == HTTP_OPTIONS) {
@@ -296,6 +299,8 @@ void pl_route(pl_conn *c, pl_http_req *r)
             pl_respond(c, 200, "Cache-Control: no-cache\r\n", "text/event-stream", "", 0, true);
         else
             method_not_allowed(c, "GET, HEAD, OPTIONS");
+    } else if (path_is(path, plen, cfg->ws_path)) {
+        pl_ws_upgrade(c, r, query, qlen);
     } else if (cfg->http_publish && path_is(path, plen, cfg->publish_path)) {
         handle_publish(c, r, query, qlen, PUBLISH_TOPIC);
     } else if (cfg->http_publish && path_is(path, plen, cfg->publish_all_path)) {

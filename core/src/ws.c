@@ -1,0 +1,371 @@
+/* WebSocket transport (RFC 6455): the upgrade handshake, frames from the peer, the subscription
+ * protocol, heartbeat pings and the close handshake. Messages to subscribers are shared
+ * pre-encoded frames (codec.c); only replies to a client's own commands are built per client.
+ *
+ * Client → server: JSON text or binary messages
+ *   {"action":"subscribe","topic":"t"} / {"action":"unsubscribe","topic":"t"} / {"action":"ping"}
+ * Server → client: binary frames, one JSON object (or MessagePack map) each. */
+#include "internal.h"
+
+#include <cjson/cJSON.h>
+#include <msgpack.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+struct pl_ws_conn {
+    pl_ws_parser parser;
+    uint8_t *msg; /* a message arriving in pieces; NULL otherwise */
+    size_t msg_len, msg_cap;
+    uint8_t msg_opcode;
+    bool awaiting_pong, close_sent;
+};
+
+#define CLOSE_REASON_MAX 123
+
+/* ---- Sending -------------------------------------------------------------------------------- */
+
+static void send_frame(pl_conn *c, uint8_t opcode, const void *payload, size_t len)
+{
+    uint8_t hdr[PL_WS_MAX_HEADER];
+    size_t hlen = pl_ws_frame_header(hdr, opcode, true, false, len);
+    pl_buf *b = pl_buf_new(hlen + len);
+    if (!b) {
+        pl_conn_close(c, "out of memory");
+        return;
+    }
+    memcpy(b->data, hdr, hlen);
+    if (len)
+        memcpy(b->data + hlen, payload, len);
+    pl_conn_send(c, b);
+    pl_buf_unref(b);
+}
+
+/* A reply to this client: {"event":E[,"topic":T][,"reason":R][,"data":D]} in its encoding.
+ * Topics passed here are valid names, reasons and messages fixed strings: nothing to escape. */
+static void reply(pl_conn *c, const char *event, const char *topic, const char *reason,
+                  const char *message)
+{
+    if (c->format == PL_FMT_WS_MSGPACK) {
+        msgpack_sbuffer sb;
+        msgpack_packer pk;
+        msgpack_sbuffer_init(&sb);
+        msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+        const char *keys[] = {"event", "topic", "reason", "data"};
+        const char *vals[] = {event, topic, reason, message};
+        size_t n = 0;
+        for (int i = 0; i < 4; i++)
+            n += vals[i] != NULL;
+        msgpack_pack_map(&pk, n);
+        for (int i = 0; i < 4; i++) {
+            if (!vals[i])
+                continue;
+            msgpack_pack_str(&pk, strlen(keys[i]));
+            msgpack_pack_str_body(&pk, keys[i], strlen(keys[i]));
+            msgpack_pack_str(&pk, strlen(vals[i]));
+            msgpack_pack_str_body(&pk, vals[i], strlen(vals[i]));
+        }
+        send_frame(c, PL_WS_BINARY, sb.data, sb.size);
+        msgpack_sbuffer_destroy(&sb);
+        return;
+    }
+    char out[512];
+    int n = snprintf(out, sizeof(out), "{\"event\":\"%s\"", event);
+    if (topic)
+        n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"topic\":\"%s\"", topic);
+    if (reason)
+        n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"reason\":\"%s\"", reason);
+    if (message)
+        n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"data\":\"%s\"", message);
+    n += snprintf(out + n, sizeof(out) - (size_t)n, "}");
+    send_frame(c, PL_WS_BINARY, out, (size_t)n);
+}
+
+void pl_ws_close(pl_conn *c, uint16_t code, const char *reason)
+{
+    pl_ws_conn *ws = c->ws;
+    if (c->closing || c->ending)
+        return;
+    if (!ws->close_sent) {
+        uint8_t payload[2 + CLOSE_REASON_MAX];
+        size_t rlen = reason ? strlen(reason) : 0;
+        if (rlen > CLOSE_REASON_MAX)
+            rlen = CLOSE_REASON_MAX;
+        payload[0] = (uint8_t)(code >> 8);
+        payload[1] = (uint8_t)code;
+        memcpy(payload + 2, reason, rlen);
+        send_frame(c, PL_WS_CLOSE, payload, 2 + rlen);
+        ws->close_sent = true;
+    }
+    pl_conn_end(c);
+}
+
+/* ---- Handshake ------------------------------------------------------------------------------ */
+
+/* Does the comma-separated header value contain `token` (case-insensitive)? */
+static bool has_token(const char *value, const char *token)
+{
+    size_t tlen = strlen(token);
+    for (const char *p = value; p && *p;) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *end = p;
+        while (*end && *end != ',')
+            end++;
+        const char *e = end;
+        while (e > p && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if ((size_t)(e - p) == tlen && strncasecmp(p, token, tlen) == 0)
+            return true;
+        p = end;
+    }
+    return false;
+}
+
+static bool origin_allowed(const pushlet_t *p, const pl_http_req *r)
+{
+    const char *allowed = p->cfg.ws_origins;
+    if (!allowed || !*allowed)
+        return true;
+    const char *origin = pl_http_header(r, "origin", NULL);
+    return origin && has_token(allowed, origin);
+}
+
+void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
+{
+    pushlet_t *p = c->p;
+    size_t klen = 0;
+    const char *upgrade = pl_http_header(r, "upgrade", NULL);
+    const char *connection = pl_http_header(r, "connection", NULL);
+    const char *version = pl_http_header(r, "sec-websocket-version", NULL);
+    const char *key = pl_http_header(r, "sec-websocket-key", &klen);
+    c->keep_alive = false; /* whatever happens, this connection speaks HTTP no more */
+    if (r->parser.method != HTTP_GET) {
+        pl_respond_text(c, 405, "Allow: GET\r\n", "WebSocket upgrades use GET");
+        return;
+    }
+    if (!upgrade || !has_token(upgrade, "websocket") || !connection ||
+        !has_token(connection, "upgrade")) {
+        pl_respond_text(c, 426, "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+                        "this is a WebSocket endpoint");
+        return;
+    }
+    if (!version || strcmp(version, "13") != 0) {
+        pl_respond_text(c, 426, "Sec-WebSocket-Version: 13\r\n", "unsupported WebSocket version");
+        return;
+    }
+    if (!key || !pl_ws_key_valid(key, klen) || r->parser.http_minor < 1) {
+        pl_respond_text(c, 400, "", "invalid WebSocket handshake");
+        return;
+    }
+    if (!origin_allowed(p, r)) {
+        pl_respond_text(c, 403, "", "origin not allowed");
+        return;
+    }
+
+    /* Encoding: ?format=msgpack, or the pushlet.msgpack subprotocol. */
+    const char *protocols = pl_http_header(r, "sec-websocket-protocol", NULL);
+    const char *chosen = NULL;
+    int format = PL_FMT_WS_JSON;
+    if (protocols && has_token(protocols, "pushlet.msgpack"))
+        chosen = "pushlet.msgpack", format = PL_FMT_WS_MSGPACK;
+    else if (protocols && has_token(protocols, "pushlet.json"))
+        chosen = "pushlet.json";
+    char *fmt = NULL;
+    size_t fmt_len;
+    if (pl_query_find(query, qlen, "format", &fmt, &fmt_len) == 1) {
+        bool msgpack = strcmp(fmt, "msgpack") == 0, json = strcmp(fmt, "json") == 0;
+        free(fmt);
+        if (!msgpack && !json) {
+            pl_respond_text(c, 400, "", "format must be json or msgpack");
+            return;
+        }
+        if (!chosen)
+            format = msgpack ? PL_FMT_WS_MSGPACK : PL_FMT_WS_JSON;
+    }
+
+    pl_ws_conn *ws = calloc(1, sizeof(*ws));
+    if (!ws) {
+        pl_respond_text(c, 503, "", "out of memory");
+        return;
+    }
+    const char *err;
+    int status = pl_subscribe_query(c, query, qlen, false, &err);
+    if (status) {
+        free(ws);
+        pl_respond_text(c, status, "", err);
+        return;
+    }
+    pl_ws_parser_init(&ws->parser, (uint64_t)p->cfg.max_message_size, false);
+    c->ws = ws;
+    c->kind = PL_CONN_WS;
+    c->format = (uint8_t)format;
+
+    char accept[29];
+    pl_ws_accept_key(key, klen, accept);
+    char head[256];
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 101 Switching Protocols\r\n"
+                     "Upgrade: websocket\r\n"
+                     "Connection: Upgrade\r\n"
+                     "Sec-WebSocket-Accept: %s\r\n"
+                     "%s%s%s\r\n",
+                     accept, chosen ? "Sec-WebSocket-Protocol: " : "", chosen ? chosen : "",
+                     chosen ? "\r\n" : "");
+    pl_buf *b = pl_buf_from(head, (size_t)n);
+    if (!b) {
+        pl_conn_close(c, "out of memory");
+        return;
+    }
+    pl_conn_send(c, b);
+    pl_buf_unref(b);
+    pl_list_remove(&c->link);
+    pl_list_push(&p->conns_stream, &c->link);
+    PL_STAT_ADD(p, PUSHLET_STAT_WS_CONNECTIONS, 1);
+    reply(c, "connected", NULL, NULL, "Connection established");
+    for (uint16_t i = 0; i < c->subscriber.nsubs; i++)
+        reply(c, "subscribed", c->subscriber.subs[i].topic->name, NULL, NULL);
+}
+
+/* ---- Commands ------------------------------------------------------------------------------- */
+
+static void command(pl_conn *c, const uint8_t *data, size_t len)
+{
+    pushlet_t *p = c->p;
+    cJSON *root = cJSON_ParseWithLength((const char *)data, len);
+    if (!root || !cJSON_IsObject(root)) {
+        reply(c, "error", NULL, "bad_json", "commands are JSON objects");
+        cJSON_Delete(root);
+        return;
+    }
+    const char *action = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "action"));
+    cJSON *topic_item = cJSON_GetObjectItemCaseSensitive(root, "topic");
+    const char *topic = cJSON_GetStringValue(topic_item);
+    bool sub = action && strcmp(action, "subscribe") == 0;
+    bool unsub = action && strcmp(action, "unsubscribe") == 0;
+    if (action && strcmp(action, "ping") == 0) {
+        reply(c, "pong", NULL, NULL, NULL);
+    } else if (!sub && !unsub) {
+        reply(c, "error", NULL, action ? "unknown_action" : "missing_action",
+              "actions: subscribe, unsubscribe, ping");
+    } else if (!topic) {
+        reply(c, "error", NULL, "missing_topic", "topic must be a string");
+    } else if (!pl_topic_name_valid(topic, strlen(topic))) {
+        reply(c, "error", NULL, "invalid_topic", "topic names: 1-128 of A-Z a-z 0-9 -_.:/@~!+=");
+    } else if (sub) {
+        pl_topic *t = pl_topics_find(&p->topics, topic, strlen(topic));
+        bool already = false;
+        for (uint16_t i = 0; t && i < c->subscriber.nsubs; i++)
+            already |= c->subscriber.subs[i].topic == t;
+        if (!already && c->subscriber.nsubs >= p->cfg.max_topics_per_connection)
+            reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");
+        else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, strlen(topic)) < 0)
+            reply(c, "error", topic, "internal", "out of memory");
+        else
+            reply(c, "subscribed", topic, NULL, NULL);
+        pl_sync_topic_stats(p);
+    } else {
+        if (pl_topics_unsubscribe(&p->topics, &c->subscriber, topic, strlen(topic)) == 0)
+            reply(c, "unsubscribed", topic, NULL, NULL);
+        else
+            reply(c, "error", topic, "not_subscribed", "not subscribed to this topic");
+        pl_sync_topic_stats(p);
+    }
+    cJSON_Delete(root);
+}
+
+/* ---- Frames from the peer ------------------------------------------------------------------- */
+
+static void control(pl_conn *c, const pl_ws_event *ev)
+{
+    pl_ws_conn *ws = c->ws;
+    if (ev->opcode == PL_WS_PING) {
+        send_frame(c, PL_WS_PONG, ev->data, ev->len);
+    } else if (ev->opcode == PL_WS_PONG) {
+        ws->awaiting_pong = false;
+    } else if (ws->close_sent) {
+        pl_conn_close(c, "close handshake complete");
+    } else {
+        /* Echo the peer's code; an empty close gets an empty close. */
+        if (ev->len >= 2)
+            send_frame(c, PL_WS_CLOSE, ev->data, 2);
+        else
+            send_frame(c, PL_WS_CLOSE, NULL, 0);
+        ws->close_sent = true;
+        pl_conn_end(c);
+    }
+}
+
+static void data(pl_conn *c, const pl_ws_event *ev)
+{
+    pl_ws_conn *ws = c->ws;
+    if (ev->message_end && !ws->msg) { /* the common case: a whole message in one read */
+        command(c, ev->data, ev->len);
+        return;
+    }
+    if (ws->msg_len + ev->len > ws->msg_cap) {
+        size_t cap = ws->msg_cap ? ws->msg_cap : 256;
+        while (cap < ws->msg_len + ev->len)
+            cap *= 2;
+        uint8_t *nm = realloc(ws->msg, cap);
+        if (!nm) {
+            pl_ws_close(c, 1011, "out of memory");
+            return;
+        }
+        ws->msg = nm;
+        ws->msg_cap = cap;
+    }
+    memcpy(ws->msg + ws->msg_len, ev->data, ev->len);
+    ws->msg_len += ev->len;
+    if (ev->message_end) {
+        command(c, ws->msg, ws->msg_len);
+        free(ws->msg);
+        ws->msg = NULL;
+        ws->msg_len = ws->msg_cap = 0;
+    }
+}
+
+void pl_ws_on_read(pl_conn *c, uint8_t *buf, size_t len)
+{
+    c->ws->awaiting_pong = false; /* any traffic shows the peer is alive */
+    while (len > 0 && !c->closing && !c->ending) {
+        size_t used;
+        pl_ws_event ev;
+        int rc = pl_ws_parse(&c->ws->parser, buf, len, &used, &ev);
+        buf += used;
+        len -= used;
+        if (rc == PL_WS_ERROR) {
+            pl_ws_close(c, ev.close_code,
+                        ev.close_code == 1009   ? "message too big"
+                        : ev.close_code == 1007 ? "invalid UTF-8"
+                                                : "protocol error");
+            return;
+        }
+        if (rc == PL_WS_CONTROL)
+            control(c, &ev);
+        else if (rc == PL_WS_DATA)
+            data(c, &ev);
+    }
+}
+
+void pl_ws_heartbeat(pl_conn *c)
+{
+    if (c->closing || c->ending)
+        return;
+    if (c->ws->awaiting_pong) {
+        pl_conn_close(c, "no pong to the last ping");
+        return;
+    }
+    c->ws->awaiting_pong = true;
+    pl_conn_send(c, c->p->ws_ping);
+}
+
+void pl_ws_free(pl_conn *c)
+{
+    if (c->ws) {
+        free(c->ws->msg);
+        free(c->ws);
+        c->ws = NULL;
+    }
+}
