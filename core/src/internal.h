@@ -372,6 +372,17 @@ void pl_ws_heartbeat(pl_conn *c) PL_HIDDEN;
 void pl_ws_close(pl_conn *c, uint16_t code, const char *reason) PL_HIDDEN;
 void pl_ws_free(pl_conn *c) PL_HIDDEN;
 
+/* A client command, parsed (pure: fuzzed on its own). */
+enum { PL_WS_CMD_SUBSCRIBE = 1, PL_WS_CMD_UNSUBSCRIBE, PL_WS_CMD_PING };
+typedef struct pl_ws_command {
+    int action;
+    char topic[129]; /* a valid topic name for (un)subscribe */
+    size_t topic_len;
+    const char *reason, *detail; /* on error: machine-readable reason, one-line explanation */
+} pl_ws_command;
+/* 0 with `cmd` filled, or -1 with cmd->reason/detail set (static strings). */
+int pl_ws_parse_command(const uint8_t *data, size_t len, pl_ws_command *cmd) PL_HIDDEN;
+
 /* ---- Routing (router.c) -------------------------------------------------------------------- */
 
 /* A complete request arrived on `c`; answers it or turns the connection into a stream. */

@@ -230,49 +230,80 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
 
 /* ---- Commands ------------------------------------------------------------------------------- */
 
+int pl_ws_parse_command(const uint8_t *data, size_t len, pl_ws_command *cmd)
+{
+    memset(cmd, 0, sizeof(*cmd));
+    cJSON *root = cJSON_ParseWithLength((const char *)data, len);
+    int rc = 0;
+    if (!root || !cJSON_IsObject(root)) {
+        cmd->reason = "bad_json";
+        cmd->detail = "commands are JSON objects";
+        rc = -1;
+        goto done;
+    }
+    const char *action = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "action"));
+    const char *topic = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "topic"));
+    if (action && strcmp(action, "ping") == 0) {
+        cmd->action = PL_WS_CMD_PING;
+    } else if (action && strcmp(action, "subscribe") == 0) {
+        cmd->action = PL_WS_CMD_SUBSCRIBE;
+    } else if (action && strcmp(action, "unsubscribe") == 0) {
+        cmd->action = PL_WS_CMD_UNSUBSCRIBE;
+    } else {
+        cmd->reason = action ? "unknown_action" : "missing_action";
+        cmd->detail = "actions: subscribe, unsubscribe, ping";
+        rc = -1;
+        goto done;
+    }
+    if (cmd->action != PL_WS_CMD_PING) {
+        if (!topic) {
+            cmd->reason = "missing_topic";
+            cmd->detail = "topic must be a string";
+            rc = -1;
+        } else if (!pl_topic_name_valid(topic, strlen(topic))) {
+            cmd->reason = "invalid_topic";
+            cmd->detail = "topic names: 1-128 of A-Z a-z 0-9 -_.:/@~!+=";
+            rc = -1;
+        } else {
+            cmd->topic_len = strlen(topic);
+            memcpy(cmd->topic, topic, cmd->topic_len + 1);
+        }
+    }
+done:
+    cJSON_Delete(root);
+    return rc;
+}
+
 static void command(pl_conn *c, const uint8_t *data, size_t len)
 {
     pushlet_t *p = c->p;
-    cJSON *root = cJSON_ParseWithLength((const char *)data, len);
-    if (!root || !cJSON_IsObject(root)) {
-        reply(c, "error", NULL, "bad_json", "commands are JSON objects");
-        cJSON_Delete(root);
+    pl_ws_command cmd;
+    if (pl_ws_parse_command(data, len, &cmd) != 0) {
+        reply(c, "error", NULL, cmd.reason, cmd.detail);
         return;
     }
-    const char *action = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "action"));
-    cJSON *topic_item = cJSON_GetObjectItemCaseSensitive(root, "topic");
-    const char *topic = cJSON_GetStringValue(topic_item);
-    bool sub = action && strcmp(action, "subscribe") == 0;
-    bool unsub = action && strcmp(action, "unsubscribe") == 0;
-    if (action && strcmp(action, "ping") == 0) {
+    if (cmd.action == PL_WS_CMD_PING) {
         reply(c, "pong", NULL, NULL, NULL);
-    } else if (!sub && !unsub) {
-        reply(c, "error", NULL, action ? "unknown_action" : "missing_action",
-              "actions: subscribe, unsubscribe, ping");
-    } else if (!topic) {
-        reply(c, "error", NULL, "missing_topic", "topic must be a string");
-    } else if (!pl_topic_name_valid(topic, strlen(topic))) {
-        reply(c, "error", NULL, "invalid_topic", "topic names: 1-128 of A-Z a-z 0-9 -_.:/@~!+=");
-    } else if (sub) {
-        pl_topic *t = pl_topics_find(&p->topics, topic, strlen(topic));
+        return;
+    }
+    const char *topic = cmd.topic;
+    if (cmd.action == PL_WS_CMD_SUBSCRIBE) {
+        pl_topic *t = pl_topics_find(&p->topics, topic, cmd.topic_len);
         bool already = false;
         for (uint16_t i = 0; t && i < c->subscriber.nsubs; i++)
             already |= c->subscriber.subs[i].topic == t;
         if (!already && c->subscriber.nsubs >= p->cfg.max_topics_per_connection)
             reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");
-        else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, strlen(topic)) < 0)
+        else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) < 0)
             reply(c, "error", topic, "internal", "out of memory");
         else
             reply(c, "subscribed", topic, NULL, NULL);
-        pl_sync_topic_stats(p);
+    } else if (pl_topics_unsubscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) == 0) {
+        reply(c, "unsubscribed", topic, NULL, NULL);
     } else {
-        if (pl_topics_unsubscribe(&p->topics, &c->subscriber, topic, strlen(topic)) == 0)
-            reply(c, "unsubscribed", topic, NULL, NULL);
-        else
-            reply(c, "error", topic, "not_subscribed", "not subscribed to this topic");
-        pl_sync_topic_stats(p);
+        reply(c, "error", topic, "not_subscribed", "not subscribed to this topic");
     }
-    cJSON_Delete(root);
+    pl_sync_topic_stats(p);
 }
 
 /* ---- Frames from the peer ------------------------------------------------------------------- */
