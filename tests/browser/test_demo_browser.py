@@ -121,11 +121,18 @@ def stop_chromium(proc):
         pass
 
 
-@pytest.mark.timeout(120)
-def test_demo_page_shows_published_message(pushletd):
+def publish(srv, topic, message):
+    r = subprocess.run(["curl", "-sS", "--max-time", "10", "-X", "POST",
+                        f"{srv.base}/publish?topic={topic}", "-d", message],
+                       capture_output=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["id"].isdigit(), r.stdout
+
+
+def run_on_demo_page(srv, scenario):
+    """Opens the demo page in headless Chromium and runs `scenario(cdp)` against it."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed")
-    srv = pushletd()
     profile = tempfile.mkdtemp(prefix="pushlet-chromium-")
     log_path = os.path.join(profile, "..", os.path.basename(profile) + ".log")
     log = open(log_path, "wb")
@@ -156,7 +163,6 @@ def test_demo_page_shows_published_message(pushletd):
             return pages[0] if pages else None
 
         target = pl.wait_until(page_target, 20, 0.1, "a page target")
-        message = "hi-" + secrets.token_hex(8)
 
         async def drive():
             async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None,
@@ -170,23 +176,7 @@ def test_demo_page_shows_published_message(pushletd):
                 assert not nav.get("errorText"), f"navigation failed: {nav}"
                 await cdp.poll("document.readyState", lambda v: v == "complete", 15,
                                "the demo page to load")
-                await cdp.poll("(window.__pushletTestES || []).map(e => e.readyState)",
-                               lambda v: v and 1 in v, 15,
-                               "the page's EventSource to be OPEN")
-                # and the server agrees a stream is attached
-                await asyncio.to_thread(
-                    pl.wait_until, lambda: srv.stats()["sse_connections"] >= 1, 10, 0.05,
-                    "sse_connections >= 1")
-                r = await asyncio.to_thread(
-                    subprocess.run,
-                    ["curl", "-sS", "--max-time", "10", "-X", "POST",
-                     f"{srv.base}/publish?topic=default", "-d", message],
-                    capture_output=True, timeout=20)
-                assert r.returncode == 0, r.stderr
-                assert json.loads(r.stdout)["id"].isdigit(), r.stdout
-                await cdp.poll("document.body ? document.body.innerText : ''",
-                               lambda v: v and message in v, 15,
-                               f"{message!r} in the page body")
+                await scenario(cdp)
 
         pl.run_async(drive(), 90)
     finally:
@@ -197,3 +187,55 @@ def test_demo_page_shows_published_message(pushletd):
             os.unlink(log_path)
         except OSError:
             pass
+
+
+@pytest.mark.timeout(120)
+def test_demo_page_shows_published_message(pushletd):
+    srv = pushletd()
+    message = "hi-" + secrets.token_hex(8)
+
+    async def scenario(cdp):
+        await cdp.poll("(window.__pushletTestES || []).map(e => e.readyState)",
+                       lambda v: v and 1 in v, 15, "the page's EventSource to be OPEN")
+        # and the server agrees a stream is attached
+        await asyncio.to_thread(
+            pl.wait_until, lambda: srv.stats()["sse_connections"] >= 1, 10, 0.05,
+            "sse_connections >= 1")
+        await asyncio.to_thread(publish, srv, "default", message)
+        await cdp.poll("document.body ? document.body.innerText : ''",
+                       lambda v: v and message in v, 15, f"{message!r} in the page body")
+
+    run_on_demo_page(srv, scenario)
+
+
+@pytest.mark.timeout(120)
+def test_demo_page_websocket_subscribes_and_unsubscribes(pushletd):
+    srv = pushletd()
+    topic = "wsdemo-" + secrets.token_hex(4)
+    first, second = "ws-" + secrets.token_hex(8), "ws-" + secrets.token_hex(8)
+    ws_log = "document.getElementById('ws-log').innerText"
+
+    async def scenario(cdp):
+        await cdp.poll("document.getElementById('ws-status').textContent",
+                       lambda v: v == "connected", 15, "the page's WebSocket to connect")
+        await cdp.evaluate(f"document.getElementById('ws-topic').value = '{topic}';"
+                           "document.getElementById('ws-sub').click(); true")
+        await cdp.poll("document.getElementById('ws-topics').textContent",
+                       lambda v: v and topic in v, 15, f"the page to be subscribed to {topic}")
+        await asyncio.to_thread(publish, srv, topic, first)
+        await cdp.poll(ws_log, lambda v: v and first in v, 15, f"{first!r} in the WebSocket log")
+        await cdp.evaluate("document.getElementById('ws-unsub').click(); true")
+        await cdp.poll("document.getElementById('ws-topics').textContent",
+                       lambda v: v is not None and topic not in v, 15,
+                       f"the page to be unsubscribed from {topic}")
+        await asyncio.to_thread(
+            pl.wait_until, lambda: srv.stats()["subscriptions"] == 1, 10, 0.05,
+            "only the SSE panel's subscription left")
+        await asyncio.to_thread(publish, srv, topic, second)
+        # A message published after it would have arrived by now; make sure it did not.
+        await asyncio.sleep(1.0)
+        text = await cdp.evaluate(ws_log)
+        assert second not in text, f"{second!r} arrived after unsubscribing: {text!r}"
+        assert first in text
+
+    run_on_demo_page(srv, scenario)
