@@ -24,7 +24,7 @@ bool pl_on_loop_thread(const pushlet_t *p)
 /* Queues the message on one connection in its wire format (encoded once, then shared). */
 static int64_t deliver(pl_msg *m, pl_conn *c)
 {
-    pl_buf *b = pl_msg_encode(m, c->format);
+    pl_buf *b = pl_msg_encode(m, c->format, c->p->deflate);
     if (!b) {
         pl_conn_close(c, "out of memory encoding a message");
         return 0;
@@ -216,6 +216,8 @@ static void release_loop_state(pushlet_t *p)
     p->sse_preamble = p->sse_heartbeat = p->ws_ping = NULL;
     free(p->read_buf);
     p->read_buf = NULL;
+    pl_deflate_free(p->deflate);
+    p->deflate = NULL;
     pl_topics_destroy(&p->topics);
 }
 

@@ -155,11 +155,30 @@ static pl_buf *encode_msgpack(const pl_msg *m)
     return b;
 }
 
-pl_buf *pl_msg_encode(pl_msg *m, int format)
+/* The compressed form of an encoded WebSocket frame; small payloads stay uncompressed (RSV1 is
+ * per message, so both kinds may go to the same connection). */
+static pl_buf *compress_frame(pl_buf *plain, pl_deflate *z)
+{
+    const uint8_t *f = (const uint8_t *)plain->data;
+    size_t hlen = (f[1] & 0x7F) == 127 ? 10 : (f[1] & 0x7F) == 126 ? 4 : 2;
+    size_t plen = plain->len - hlen;
+    pl_buf *b = NULL;
+    if (z && plen >= PL_DEFLATE_MIN_BYTES)
+        b = pl_deflate_frame(z, f[0] & 0x0F, f + hlen, plen);
+    return b ? b : pl_buf_ref(plain);
+}
+
+pl_buf *pl_msg_encode(pl_msg *m, int format, pl_deflate *z)
 {
     if (m->enc[format])
         return m->enc[format];
     pl_buf *b = NULL;
+    if (format == PL_FMT_WS_JSON_Z || format == PL_FMT_WS_MSGPACK_Z) {
+        int plain_format = format == PL_FMT_WS_JSON_Z ? PL_FMT_WS_JSON : PL_FMT_WS_MSGPACK;
+        pl_buf *plain = pl_msg_encode(m, plain_format, z);
+        m->enc[format] = plain ? compress_frame(plain, z) : NULL;
+        return m->enc[format];
+    }
     if (format == PL_FMT_SSE) {
         char id[24];
         int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);

@@ -66,7 +66,18 @@ static inline pl_buf *pl_buf_ref(pl_buf *b)
 void pl_buf_unref(pl_buf *b) PL_HIDDEN;
 
 /* Wire formats: each message is encoded at most once per format. */
-typedef enum { PL_FMT_SSE = 0, PL_FMT_WS_JSON, PL_FMT_WS_MSGPACK, PL_FMT_COUNT } pl_format;
+typedef struct pl_deflate pl_deflate;
+
+/* Wire formats; the _Z ones are WebSocket frames compressed with permessage-deflate (no context
+ * takeover, so one compressed frame serves every such subscriber). */
+typedef enum {
+    PL_FMT_SSE = 0,
+    PL_FMT_WS_JSON,
+    PL_FMT_WS_MSGPACK,
+    PL_FMT_WS_JSON_Z,
+    PL_FMT_WS_MSGPACK_Z,
+    PL_FMT_COUNT
+} pl_format;
 
 /* A published message: created (and its strings copied) by the publishing thread, handed to the
  * loop through the inbox, then owned by the loop. Encoded lazily, once per wire format. */
@@ -93,7 +104,18 @@ static inline pl_msg *pl_msg_ref(pl_msg *m)
 void pl_msg_unref(pl_msg *m) PL_HIDDEN;
 /* The message in `format` (pl_format), encoded on first use; borrowed, owned by the message.
  * NULL when out of memory. (codec.c) */
-pl_buf *pl_msg_encode(pl_msg *m, int format) PL_HIDDEN;
+pl_buf *pl_msg_encode(pl_msg *m, int format, pl_deflate *z) PL_HIDDEN;
+#define PL_DEFLATE_MIN_BYTES 256 /* smaller payloads are not worth compressing */
+/* permessage-deflate (deflate.c): one compressor and one decompressor per broker, reset per
+ * message, since both directions are negotiated without context takeover. */
+pl_deflate *pl_deflate_new(void) PL_HIDDEN;
+void pl_deflate_free(pl_deflate *d) PL_HIDDEN;
+/* Compresses `len` bytes into a new frame with RSV1 set; NULL when out of memory. */
+pl_buf *pl_deflate_frame(pl_deflate *d, uint8_t opcode, const uint8_t *data, size_t len) PL_HIDDEN;
+/* Inflates a client message into *out (malloc'd, caller frees). Returns 0, 1009 when it would
+ * exceed `max`, or 1007 when the data is not valid deflate. */
+int pl_inflate_message(pl_deflate *d, const uint8_t *data, size_t len, size_t max, uint8_t **out,
+                       size_t *out_len) PL_HIDDEN;
 size_t pl_format_timestamp(int64_t ms, char out[32]) PL_HIDDEN; /* RFC 3339 UTC, ms */
 /* JSON string body for any bytes (invalid UTF-8 becomes U+FFFD); out NULL = length only. */
 size_t pl_json_escape(char *out, const char *s, size_t n) PL_HIDDEN;
@@ -456,7 +478,8 @@ struct pushlet {
     pl_conn *dirty, *closing;
     uint32_t nconns;
     pl_buf *sse_preamble, *sse_heartbeat, *ws_ping;
-    char *read_buf; /* one per broker: every read is handled before the next */
+    pl_deflate *deflate; /* made on first use */
+    char *read_buf;      /* one per broker: every read is handled before the next */
 };
 
 #define PL_READ_BUF_SIZE 65536

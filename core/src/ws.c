@@ -19,7 +19,7 @@ struct pl_ws_conn {
     uint8_t *msg; /* a message arriving in pieces; NULL otherwise */
     size_t msg_len, msg_cap;
     uint8_t msg_opcode;
-    bool awaiting_pong, close_sent;
+    bool awaiting_pong, close_sent, deflate;
 };
 
 #define CLOSE_REASON_MAX 123
@@ -123,6 +123,48 @@ static bool has_token(const char *value, const char *token)
     return false;
 }
 
+/* Accepts the first permessage-deflate offer we can honour (RFC 7692 5): we always answer
+ * with no context takeover both ways, so no offer parameter can stop us except a smaller
+ * server window, which a shared compressed frame cannot honour per client. */
+static bool accept_deflate(const char *offers)
+{
+    for (const char *o = offers; o && *o;) {
+        const char *end = strchr(o, ',');
+        size_t olen = end ? (size_t)(end - o) : strlen(o);
+        char offer[256];
+        if (olen < sizeof(offer)) {
+            memcpy(offer, o, olen);
+            offer[olen] = '\0';
+            bool ok = true, first = true;
+            char *save = NULL;
+            for (char *tok = strtok_r(offer, ";", &save); tok; tok = strtok_r(NULL, ";", &save)) {
+                while (*tok == ' ' || *tok == '\t')
+                    tok++;
+                size_t n = strlen(tok);
+                while (n && (tok[n - 1] == ' ' || tok[n - 1] == '\t'))
+                    tok[--n] = '\0';
+                if (first) {
+                    ok = strcasecmp(tok, "permessage-deflate") == 0;
+                    first = false;
+                } else if (strcasecmp(tok, "server_max_window_bits=15") == 0 ||
+                           strcasecmp(tok, "server_no_context_takeover") == 0 ||
+                           strcasecmp(tok, "client_no_context_takeover") == 0 ||
+                           strncasecmp(tok, "client_max_window_bits", 22) == 0) {
+                    continue;
+                } else {
+                    ok = false; /* server_max_window_bits < 15, or unknown */
+                }
+                if (!ok)
+                    break;
+            }
+            if (ok && !first)
+                return true;
+        }
+        o = end ? end + 1 : NULL;
+    }
+    return false;
+}
+
 static bool origin_allowed(const pushlet_t *p, const pl_http_req *r)
 {
     const char *allowed = p->cfg.ws_origins;
@@ -197,22 +239,32 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
         pl_respond_text(c, status, "", err);
         return;
     }
-    pl_ws_parser_init(&ws->parser, (uint64_t)p->cfg.max_message_size, false);
+    const char *extensions = pl_http_header(r, "sec-websocket-extensions", NULL);
+    ws->deflate = extensions && accept_deflate(extensions);
+    if (ws->deflate && !p->deflate && !(p->deflate = pl_deflate_new()))
+        ws->deflate = false;
+    if (ws->deflate)
+        format = format == PL_FMT_WS_JSON ? PL_FMT_WS_JSON_Z : PL_FMT_WS_MSGPACK_Z;
+    /* Compressed client messages may inflate to at most the same limit. */
+    pl_ws_parser_init(&ws->parser, (uint64_t)p->cfg.max_message_size, ws->deflate);
     c->ws = ws;
     c->kind = PL_CONN_WS;
     c->format = (uint8_t)format;
 
     char accept[29];
     pl_ws_accept_key(key, klen, accept);
-    char head[256];
+    char head[384];
     int n = snprintf(head, sizeof(head),
                      "HTTP/1.1 101 Switching Protocols\r\n"
                      "Upgrade: websocket\r\n"
                      "Connection: Upgrade\r\n"
                      "Sec-WebSocket-Accept: %s\r\n"
-                     "%s%s%s\r\n",
+                     "%s%s%s%s\r\n",
                      accept, chosen ? "Sec-WebSocket-Protocol: " : "", chosen ? chosen : "",
-                     chosen ? "\r\n" : "");
+                     chosen ? "\r\n" : "",
+                     ws->deflate ? "Sec-WebSocket-Extensions: permessage-deflate; "
+                                   "server_no_context_takeover; client_no_context_takeover\r\n"
+                                 : "");
     pl_buf *b = pl_buf_from(head, (size_t)n);
     if (!b) {
         pl_conn_close(c, "out of memory");
@@ -328,11 +380,32 @@ static void control(pl_conn *c, const pl_ws_event *ev)
     }
 }
 
+/* A whole compressed message: inflate (bounded), check text is UTF-8, then handle it. */
+static void compressed_command(pl_conn *c, uint8_t opcode, const uint8_t *data, size_t len)
+{
+    uint8_t *plain;
+    size_t plain_len;
+    int code = pl_inflate_message(c->p->deflate, data, len, (size_t)c->p->cfg.max_message_size,
+                                  &plain, &plain_len);
+    if (code) {
+        pl_ws_close(c, (uint16_t)code, code == 1009 ? "message too big" : "bad compressed data");
+        return;
+    }
+    if (opcode == PL_WS_TEXT && !pl_utf8_valid(plain, plain_len))
+        pl_ws_close(c, 1007, "invalid UTF-8");
+    else
+        command(c, plain, plain_len);
+    free(plain);
+}
+
 static void data(pl_conn *c, const pl_ws_event *ev)
 {
     pl_ws_conn *ws = c->ws;
     if (ev->message_end && !ws->msg) { /* the common case: a whole message in one read */
-        command(c, ev->data, ev->len);
+        if (ev->compressed)
+            compressed_command(c, ev->opcode, ev->data, ev->len);
+        else
+            command(c, ev->data, ev->len);
         return;
     }
     if (ws->msg_len + ev->len > ws->msg_cap) {
@@ -350,7 +423,10 @@ static void data(pl_conn *c, const pl_ws_event *ev)
     memcpy(ws->msg + ws->msg_len, ev->data, ev->len);
     ws->msg_len += ev->len;
     if (ev->message_end) {
-        command(c, ws->msg, ws->msg_len);
+        if (ev->compressed)
+            compressed_command(c, ev->opcode, ws->msg, ws->msg_len);
+        else
+            command(c, ws->msg, ws->msg_len);
         free(ws->msg);
         ws->msg = NULL;
         ws->msg_len = ws->msg_cap = 0;

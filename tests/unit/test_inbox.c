@@ -176,7 +176,7 @@ Test(inbox, destroy_frees_what_is_queued)
         cr_assert_eq(pl_inbox_push(&f.q, make_msg(data, sizeof(data))), 0);
     /* Encoded form attached too, as after a dispatch: destroy must release it as well. */
     pl_msg *m = make_msg("enc", 3);
-    cr_assert_not_null(pl_msg_encode(m, PL_FMT_SSE));
+    cr_assert_not_null(pl_msg_encode(m, PL_FMT_SSE, NULL));
     cr_assert_eq(pl_inbox_push(&f.q, m), 0);
     pl_inbox_close(&f.q);
     fixture_close(&f); /* LeakSanitizer reports anything left behind */
