@@ -59,11 +59,18 @@ bool pl_utf8_valid(const uint8_t *s, size_t len) { return pl_utf8_step(0, s, len
 
 bool pl_ws_key_valid(const char *key, size_t len)
 {
-    unsigned char raw[24];
+    /* 16 bytes in base64: 22 alphabet characters and "==" (EVP_DecodeBlock alone would take '='
+     * anywhere as a zero digit). */
     if (len != 24 || key[22] != '=' || key[23] != '=')
         return false;
-    /* EVP_DecodeBlock counts padding as zero bytes: 24 chars -> 18 bytes, 16 of them real. */
-    return EVP_DecodeBlock(raw, (const unsigned char *)key, 24) == 18;
+    for (size_t i = 0; i < 22; i++) {
+        unsigned char ch = (unsigned char)key[i];
+        bool b64 = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') ||
+                   (ch >= '0' && ch <= '9') || ch == '+' || ch == '/';
+        if (!b64)
+            return false;
+    }
+    return true;
 }
 
 void pl_ws_accept_key(const char *key, size_t len, char out[29])
@@ -131,8 +138,9 @@ static size_t header_need(const pl_ws_parser *ps)
     return n > ps->hdr_len ? n - ps->hdr_len : 0;
 }
 
-/* A complete header is buffered: check it against the frame and message rules. */
-static int start_frame(pl_ws_parser *ps, pl_ws_event *ev)
+/* The first two header bytes decide most errors: fail on them at once rather than waiting for
+ * a mask or length that may never come. */
+static int check_start(const pl_ws_parser *ps, pl_ws_event *ev)
 {
     uint8_t b0 = ps->hdr[0], b1 = ps->hdr[1];
     bool fin = b0 & 0x80, rsv1 = b0 & 0x40;
@@ -141,6 +149,31 @@ static int start_frame(pl_ws_parser *ps, pl_ws_event *ev)
         return fail(ev, 1002); /* RSV2/RSV3: no extension defines them */
     if (!(b1 & 0x80))
         return fail(ev, 1002); /* client frames must be masked */
+    if (opcode & 0x08) {
+        if (opcode != PL_WS_CLOSE && opcode != PL_WS_PING && opcode != PL_WS_PONG)
+            return fail(ev, 1002);
+        if (!fin || (b1 & 0x7F) > 125 || rsv1)
+            return fail(ev, 1002);
+    } else if (opcode == PL_WS_CONT) {
+        if (!ps->msg_opcode || rsv1)
+            return fail(ev, 1002);
+    } else if (opcode == PL_WS_TEXT || opcode == PL_WS_BINARY) {
+        if (ps->msg_opcode)
+            return fail(ev, 1002); /* a new message inside a fragmented one */
+        if (rsv1 && !ps->allow_rsv1)
+            return fail(ev, 1002);
+    } else {
+        return fail(ev, 1002);
+    }
+    return PL_WS_NEED_MORE;
+}
+
+/* A complete header is buffered (check_start passed): start the frame. */
+static int start_frame(pl_ws_parser *ps, pl_ws_event *ev)
+{
+    uint8_t b0 = ps->hdr[0], b1 = ps->hdr[1];
+    bool fin = b0 & 0x80, rsv1 = b0 & 0x40;
+    uint8_t opcode = b0 & 0x0F;
     uint64_t len = b1 & 0x7F;
     const uint8_t *p = ps->hdr + 2;
     if (len == 126) {
@@ -156,25 +189,11 @@ static int start_frame(pl_ws_parser *ps, pl_ws_event *ev)
     }
     memcpy(ps->mask, p, 4);
     bool control = opcode & 0x08;
-    if (control) {
-        if (opcode != PL_WS_CLOSE && opcode != PL_WS_PING && opcode != PL_WS_PONG)
-            return fail(ev, 1002);
-        if (!fin || len > 125 || rsv1)
-            return fail(ev, 1002);
-    } else if (opcode == PL_WS_CONT) {
-        if (!ps->msg_opcode || rsv1)
-            return fail(ev, 1002);
-    } else if (opcode == PL_WS_TEXT || opcode == PL_WS_BINARY) {
-        if (ps->msg_opcode)
-            return fail(ev, 1002); /* a new message inside a fragmented one */
-        if (rsv1 && !ps->allow_rsv1)
-            return fail(ev, 1002);
+    if (opcode == PL_WS_TEXT || opcode == PL_WS_BINARY) {
         ps->msg_opcode = opcode;
         ps->msg_compressed = rsv1;
         ps->msg_len = 0;
         ps->utf8 = 0;
-    } else {
-        return fail(ev, 1002);
     }
     if (!control) {
         if (len > ps->max_message || ps->msg_len + len > ps->max_message)
@@ -224,6 +243,11 @@ int pl_ws_parse(pl_ws_parser *ps, uint8_t *data, size_t len, size_t *consumed, p
             size_t need = header_need(ps);
             while (need > 0 && used < len) {
                 ps->hdr[ps->hdr_len++] = data[used++];
+                if (ps->hdr_len == 2 && check_start(ps, ev) == PL_WS_ERROR) {
+                    ps->hdr_len = 0;
+                    *consumed = used;
+                    return PL_WS_ERROR;
+                }
                 need = header_need(ps);
             }
             if (need > 0) {
