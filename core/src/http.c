@@ -319,11 +319,12 @@ int pl_query_next(pl_query_iter *it, char *key, size_t key_cap, size_t *key_len,
             continue;
         const char *eq = memchr(seg, '=', (size_t)(seg_end - seg));
         const char *kend = eq ? eq : seg_end;
-        if (decode(seg, (size_t)(kend - seg), key, key_cap, key_len) != 0)
-            return -1;
         const char *v = eq ? eq + 1 : seg_end;
-        if (decode(v, (size_t)(seg_end - v), val, val_cap, val_len) != 0)
+        if (decode(seg, (size_t)(kend - seg), key, key_cap, key_len) != 0 ||
+            decode(v, (size_t)(seg_end - v), val, val_cap, val_len) != 0) {
+            *key_len = *val_len = 0;
             return -1;
+        }
         return 1;
     }
     return 0;

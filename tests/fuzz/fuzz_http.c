@@ -20,8 +20,9 @@ static void walk_request(const pl_http_req *r)
     char key[64], val[128];
     size_t klen, vlen;
     pl_query_init(&it, query, qlen);
-    while (pl_query_next(&it, key, sizeof(key), &klen, val, sizeof(val), &vlen) != 0)
-        assert(klen < sizeof(key) && vlen < sizeof(val));
+    int rc;
+    while ((rc = pl_query_next(&it, key, sizeof(key), &klen, val, sizeof(val), &vlen)) != 0)
+        assert(rc == -1 || (klen < sizeof(key) && vlen < sizeof(val) && strlen(key) == klen));
     size_t hlen;
     const char *host = pl_http_header(r, "host", &hlen);
     assert(!host || strlen(host) == hlen);
