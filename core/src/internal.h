@@ -180,6 +180,8 @@ typedef struct pl_topics {
     uint64_t subscriptions;
 } pl_topics;
 
+/* 1..max bytes of ASCII letters, digits and the `extra` characters. */
+bool pl_name_valid(const char *name, size_t len, size_t max, const char *extra) PL_HIDDEN;
 bool pl_topic_name_valid(const char *name, size_t len) PL_HIDDEN;
 void pl_topics_init(pl_topics *t) PL_HIDDEN;
 void pl_topics_destroy(pl_topics *t) PL_HIDDEN; /* every subscriber must have left */

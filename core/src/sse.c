@@ -8,16 +8,7 @@
 
 bool pl_event_name_valid(const char *name, size_t len)
 {
-    if (len == 0 || len > 64)
-        return false;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char)name[i];
-        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-                  (ch >= '0' && ch <= '9') || ch == '-' || ch == '_' || ch == '.' || ch == ':';
-        if (!ok)
-            return false;
-    }
-    return true;
+    return pl_name_valid(name, len, 64, "-_.:");
 }
 
 /* Lines in `data` and the bytes they hold without their terminators. */

@@ -7,18 +7,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-bool pl_topic_name_valid(const char *name, size_t len)
+bool pl_name_valid(const char *name, size_t len, size_t max, const char *extra)
 {
-    if (len == 0 || len > 128)
+    if (len == 0 || len > max)
         return false;
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = (unsigned char)name[i];
         bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-                  (ch >= '0' && ch <= '9') || strchr("-_.:/@~!+=", ch) != NULL;
-        if (!ok || ch == '\0')
+                  (ch >= '0' && ch <= '9') || (ch && strchr(extra, ch) != NULL);
+        if (!ok)
             return false;
     }
     return true;
+}
+
+bool pl_topic_name_valid(const char *name, size_t len)
+{
+    return pl_name_valid(name, len, 128, "-_.:/@~!+=");
 }
 
 /* FNV-1a: topic names are short and come from clients, and the table is private per broker. */
