@@ -169,7 +169,9 @@ static bool reserve_slot(pl_conn *c)
 
 void pl_conn_send(pl_conn *c, pl_buf *b)
 {
-    if (c->closing || c->shut)
+    /* Once ending, the last thing queued (an answer, a close frame, the end of a stream) stays
+     * the last thing sent. */
+    if (c->closing || c->ending)
         return;
     pushlet_t *p = c->p;
     if (c->out_bytes > 0 && c->out_bytes + b->len > (uint64_t)p->cfg.max_output_bytes) {
@@ -358,7 +360,7 @@ static void on_close(uv_handle_t *h)
 static void reap(pl_conn *c)
 {
     pushlet_t *p = c->p;
-    if (c->subscriber.nsubs) {
+    if (c->subscriber.subs) { /* also frees the array of one that unsubscribed from all */
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
         pl_sync_topic_stats(p);
     }

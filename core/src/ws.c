@@ -5,6 +5,7 @@
  * Client → server: JSON text or binary messages
  *   {"action":"subscribe","topic":"t"} / {"action":"unsubscribe","topic":"t"} / {"action":"ping"}
  * Server → client: binary frames, one JSON object (or MessagePack map) each. */
+#define _GNU_SOURCE /* memmem */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
@@ -47,7 +48,7 @@ static void send_frame(pl_conn *c, uint8_t opcode, const void *payload, size_t l
 static void reply(pl_conn *c, const char *event, const char *topic, const char *reason,
                   const char *message)
 {
-    if (c->format == PL_FMT_WS_MSGPACK) {
+    if (c->format == PL_FMT_WS_MSGPACK || c->format == PL_FMT_WS_MSGPACK_Z) {
         msgpack_sbuffer sb;
         msgpack_packer pk;
         msgpack_sbuffer_init(&sb);
@@ -312,7 +313,10 @@ int pl_ws_parse_command(const uint8_t *data, size_t len, pl_ws_command *cmd)
             cmd->reason = "missing_topic";
             cmd->detail = "topic must be a string";
             rc = -1;
-        } else if (!pl_topic_name_valid(topic, strlen(topic))) {
+        } else if (!pl_topic_name_valid(topic, strlen(topic)) ||
+                   memmem(data, len, "\\u0000", 6) != NULL) {
+            /* cJSON keeps no string lengths: an escaped NUL would silently cut the topic short,
+             * so a command carrying one names no valid topic. */
             cmd->reason = "invalid_topic";
             cmd->detail = "topic names: 1-128 of A-Z a-z 0-9 -_.:/@~!+=";
             rc = -1;

@@ -803,3 +803,386 @@ def kernel_queued_bytes(port: int) -> int:
             elif int(remote.split(":")[1], 16) == port:
                 total += rx
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# WebSocket (RFC 6455): a raw client over a blocking socket, for exact control of every byte
+# (conformance and bad-input tests), plus a light asyncio reader for fan-out tests.
+
+import base64 as _base64
+import hashlib as _hashlib
+import json as _json
+import struct as _struct
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+def ws_accept(key: str) -> str:
+    return _base64.b64encode(_hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+def ws_key() -> str:
+    return _base64.b64encode(os.urandom(16)).decode()
+
+
+def ws_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0,
+             mask: bool = True, mask_key: bytes | None = None,
+             length: int | None = None) -> bytes:
+    """Encode one client frame. rsv: the 3 RSV bits as a number (4 = RSV1, 2 = RSV2, 1 = RSV3).
+    length: the length to announce in the header (default: len(payload)); lets a test lie."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    n = len(payload) if length is None else length
+    b0 = (0x80 if fin else 0) | ((rsv & 7) << 4) | (opcode & 0x0F)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes([b0, mbit | n])
+    elif n <= 0xFFFF:
+        head = bytes([b0, mbit | 126]) + _struct.pack("!H", n)
+    else:
+        head = bytes([b0, mbit | 127]) + _struct.pack("!Q", n)
+    if not mask:
+        return head + payload
+    key = mask_key if mask_key is not None else os.urandom(4)
+    return head + key + ws_mask(payload, key)
+
+
+def ws_mask(payload: bytes, key: bytes) -> bytes:
+    if not payload:
+        return b""
+    k = (key * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(k, "big")).to_bytes(len(payload), "big")
+
+
+def ws_close_payload(code: int | None = None, reason: bytes | str = b"") -> bytes:
+    if code is None:
+        return b""
+    if isinstance(reason, str):
+        reason = reason.encode()
+    return _struct.pack("!H", code) + reason
+
+
+@dataclass
+class WSFrame:
+    fin: bool
+    rsv: int
+    opcode: int
+    payload: bytes
+    masked: bool = False
+
+    @property
+    def close_code(self):
+        assert self.opcode == OP_CLOSE
+        return _struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
+
+    @property
+    def close_reason(self) -> bytes:
+        return self.payload[2:]
+
+    def json(self):
+        return _json.loads(self.payload.decode("utf-8"))
+
+    def __repr__(self):
+        p = self.payload if len(self.payload) <= 80 else self.payload[:80] + b"..."
+        return f"WSFrame(op={self.opcode:#x}, fin={self.fin}, rsv={self.rsv}, {len(self.payload)}B {p!r})"
+
+
+def parse_server_frame(buf: bytes):
+    """(frame, bytes used) or (None, 0) when buf holds no complete frame."""
+    if len(buf) < 2:
+        return None, 0
+    b0, b1 = buf[0], buf[1]
+    n = b1 & 0x7F
+    off = 2
+    if n == 126:
+        if len(buf) < 4:
+            return None, 0
+        n = _struct.unpack("!H", buf[2:4])[0]
+        off = 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None, 0
+        n = _struct.unpack("!Q", buf[2:10])[0]
+        off = 10
+    masked = bool(b1 & 0x80)
+    key = b""
+    if masked:
+        if len(buf) < off + 4:
+            return None, 0
+        key = buf[off:off + 4]
+        off += 4
+    if len(buf) < off + n:
+        return None, 0
+    payload = buf[off:off + n]
+    if masked:
+        payload = ws_mask(payload, key)
+    return WSFrame(bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0x0F, payload, masked), off + n
+
+
+class RawWS(RawHTTP):
+    """A WebSocket client on a raw blocking socket. Every read is bounded.
+
+    RawWS(addr, path) connects and performs the opening handshake; .response is the server's
+    answer (status 101 unless the test expects a handshake error: pass expect=None).
+    Frames read are kept in .frames (every frame, control frames included).
+    """
+
+    def __init__(self, addr, path="/ws", headers=None, timeout=10.0, protocols=None,
+                 expect=101, key=None, method="GET", version="HTTP/1.1", nodelay=True,
+                 extra=b"", rcvbuf=None):
+        super().__init__(addr, timeout=timeout, rcvbuf=rcvbuf)
+        if nodelay:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.key = key if key is not None else ws_key()
+        self.frames: list[WSFrame] = []
+        hdrs = {"Upgrade": "websocket", "Connection": "Upgrade",
+                "Sec-WebSocket-Key": self.key, "Sec-WebSocket-Version": "13"}
+        if protocols:
+            hdrs["Sec-WebSocket-Protocol"] = ", ".join(protocols)
+        if headers:
+            for k, v in (headers.items() if isinstance(headers, dict) else headers):
+                for existing in [h for h in hdrs if h.lower() == k.lower()]:
+                    del hdrs[existing]
+                if v is not None:
+                    hdrs[k] = v
+        self.send(build_request(method, path, b"", hdrs, addr, version=version) + extra)
+        # 101 is a 1xx: take it as the answer; an error answer comes with its body
+        self.response = self.read_response(head_only=True, allow_interim=True)
+        if self.response.status != 101:
+            cl = self.response.header("content-length")
+            if cl is not None:
+                self.response.body = self.read_exact(int(cl), time.monotonic() + timeout)
+        if expect is not None:
+            assert self.response.status == expect, (
+                f"handshake answered {self.response.status} {self.response.reason}, "
+                f"expected {expect}: {self.response.headers}")
+        if self.response.status == 101:
+            acc = self.response.header("sec-websocket-accept")
+            assert acc == ws_accept(self.key), f"bad Sec-WebSocket-Accept {acc!r}"
+
+    # -- sending ----------------------------------------------------------------------------
+    def send_frame(self, opcode, payload=b"", **kw):
+        self.send(ws_frame(opcode, payload, **kw))
+
+    def send_text(self, payload, **kw):
+        self.send_frame(OP_TEXT, payload, **kw)
+
+    def send_binary(self, payload, **kw):
+        self.send_frame(OP_BINARY, payload, **kw)
+
+    def send_cmd(self, action=None, topic=None, binary=False, **fields):
+        obj = dict(fields)
+        if action is not None:
+            obj["action"] = action
+        if topic is not None:
+            obj["topic"] = topic
+        self.send_frame(OP_BINARY if binary else OP_TEXT, _json.dumps(obj).encode())
+
+    def send_close(self, code=1000, reason=b""):
+        self.send_frame(OP_CLOSE, ws_close_payload(code, reason))
+
+    def send_chopped(self, data: bytes, chunk: int = 1, pause: float = 0.0):
+        """Send bytes in small writes (TCP_NODELAY is on), to exercise resumable parsing."""
+        for i in range(0, len(data), chunk):
+            self.send(data[i:i + chunk])
+            if pause:
+                time.sleep(pause)
+
+    # -- receiving --------------------------------------------------------------------------
+    def recv_frame(self, timeout=None) -> WSFrame:
+        """The next frame; raises ConnectionClosed at EOF, Timeout when none arrives in time."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        while True:
+            f, used = parse_server_frame(self.buf)
+            if f is not None:
+                self.buf = self.buf[used:]
+                self.frames.append(f)
+                return f
+            try:
+                more = self._fill(deadline)
+            except (ConnectionResetError, BrokenPipeError):
+                more = False
+                self.eof = True
+            if not more:
+                raise ConnectionClosed(f"EOF with {len(self.buf)} unparsed bytes "
+                                       f"{self.buf[:60]!r}")
+
+    def recv_data(self, timeout=None, answer_pings=True) -> WSFrame:
+        """The next data frame (text/binary, assumed unfragmented: the server never fragments);
+        pings are answered (unless answer_pings=False) and skipped, pongs skipped. A close frame
+        raises AssertionError."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        while True:
+            f = self.recv_frame(max(0.0, deadline - time.monotonic()))
+            if f.opcode == OP_PING:
+                if answer_pings:
+                    self.send_frame(OP_PONG, f.payload)
+                continue
+            if f.opcode == OP_PONG:
+                continue
+            if f.opcode == OP_CLOSE:
+                raise AssertionError(f"unexpected close frame code={f.close_code} "
+                                     f"reason={f.close_reason!r}")
+            assert f.fin and f.rsv == 0 and not f.masked, f"unexpected frame {f!r}"
+            return f
+
+    def recv_json(self, timeout=None, answer_pings=True) -> dict:
+        f = self.recv_data(timeout, answer_pings)
+        assert f.opcode == OP_BINARY, f"server messages are binary frames, got {f!r}"
+        return f.json()
+
+    def recv_event(self, event, timeout=None) -> dict:
+        """Read JSON frames until one whose "event" is `event`; returns it (others are kept in
+        .skipped)."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        self.skipped = getattr(self, "skipped", [])
+        while True:
+            j = self.recv_json(max(0.0, deadline - time.monotonic()))
+            if j.get("event") == event:
+                return j
+            self.skipped.append(j)
+
+    def handshake_done(self, topics=(), timeout=None) -> list:
+        """Consume the connected frame and one subscribed reply per topic; return them."""
+        out = [self.recv_json(timeout)]
+        assert out[0] == {"event": "connected", "data": "Connection established"}, out[0]
+        for t in topics:
+            j = self.recv_json(timeout)
+            assert j == {"event": "subscribed", "topic": t}, j
+            out.append(j)
+        return out
+
+    def expect_close(self, code, timeout=None, eof_timeout=5.0, allow_data=False):
+        """Read until a close frame: assert its code (an int, None for an empty close, or a
+        collection of acceptable codes), then that the server ends the TCP connection (EOF)
+        within eof_timeout and sends no frame after its close. Returns the close frame."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        while True:
+            try:
+                f = self.recv_frame(max(0.0, deadline - time.monotonic()))
+            except ConnectionClosed:
+                raise AssertionError(
+                    f"connection ended without a close frame (expected code {code}); "
+                    f"frames: {self.frames[-5:]!r}") from None
+            if f.opcode == OP_CLOSE:
+                break
+            if not allow_data and f.opcode not in (OP_PING, OP_PONG):
+                raise AssertionError(f"expected close {code}, got {f!r}")
+        got = f.close_code
+        ok = got in code if isinstance(code, (set, tuple, list, frozenset)) else got == code
+        assert ok, f"close code {got} (reason {f.close_reason!r}), expected {code}"
+        if len(f.payload) >= 2:
+            f.close_reason.decode("utf-8")  # a server's reason must be UTF-8 as well
+        assert len(f.payload) <= 125 and f.fin, f"malformed close frame {f!r}"
+        # RFC 6455 7.1.1: the server ends the TCP connection first, and sends nothing after
+        # its close frame.
+        rest = self.wait_closed(eof_timeout * time_scale())
+        assert rest == b"", f"server sent {len(rest)} bytes after its close frame: {rest[:100]!r}"
+        return f
+
+    def wait_eof(self, timeout=5.0) -> bytes:
+        """Bytes received until EOF (bounded: raises Timeout if the server keeps it open)."""
+        out = self.buf + self.wait_closed(timeout)
+        self.buf = b""
+        return out
+
+    def frames_until_eof(self, timeout=5.0) -> list:
+        data = self.wait_eof(timeout)
+        frames = []
+        while data:
+            f, used = parse_server_frame(data)
+            assert f is not None, f"truncated frame at EOF: {data[:60]!r}"
+            frames.append(f)
+            data = data[used:]
+        return frames
+
+
+class AsyncWS:
+    """A minimal asyncio WebSocket client (raw frames) for fan-out tests with many
+    connections: cheap to parse, answers server pings, hands each data payload to on_message."""
+
+    def __init__(self, addr, path="/ws", on_message=None, protocols=None):
+        self.addr = addr
+        self.path = path
+        self.on_message = on_message
+        self.protocols = protocols
+        self.buf = bytearray()
+        self.messages = []
+        self.count = 0
+        self.close_frame = None
+        self.eof = False
+        self.reader = self.writer = None
+
+    async def connect(self, timeout=10.0):
+        async def _go():
+            self.reader, self.writer = await asyncio.open_connection(*self.addr)
+            key = ws_key()
+            hdrs = {"Upgrade": "websocket", "Connection": "Upgrade",
+                    "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
+            if self.protocols:
+                hdrs["Sec-WebSocket-Protocol"] = ", ".join(self.protocols)
+            self.writer.write(build_request("GET", self.path, b"", hdrs, self.addr))
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            version, status, reason, headers = parse_head(head[:-4])
+            self.response = Response(status, reason, headers, b"", version)
+            assert status == 101, f"handshake answered {status}"
+            assert self.response.header("sec-websocket-accept") == ws_accept(key)
+        await asyncio.wait_for(_go(), timeout)
+        return self
+
+    def send_frame(self, opcode, payload=b""):
+        self.writer.write(ws_frame(opcode, payload))
+
+    def send_cmd(self, action, topic=None):
+        obj = {"action": action}
+        if topic is not None:
+            obj["topic"] = topic
+        self.send_frame(OP_TEXT, _json.dumps(obj).encode())
+
+    async def _read_once(self):
+        try:
+            data = await self.reader.read(262144)
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        while True:
+            f, used = parse_server_frame(self.buf)
+            if f is None:
+                break
+            del self.buf[:used]
+            if f.opcode == OP_PING:
+                self.send_frame(OP_PONG, f.payload)
+            elif f.opcode == OP_CLOSE:
+                self.close_frame = f
+            elif f.opcode in (OP_TEXT, OP_BINARY):
+                self.count += 1
+                if self.on_message is not None:
+                    self.on_message(f.payload)
+                else:
+                    self.messages.append(f.payload)
+        return True
+
+    async def wait_for(self, pred, timeout=10.0, what="messages"):
+        async def _go():
+            while not pred(self):
+                if self.eof or not await self._read_once():
+                    raise ConnectionClosed(f"WebSocket {self.path} ended while waiting for "
+                                           f"{what} ({self.count} messages)")
+        try:
+            await asyncio.wait_for(_go(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"timed out after {timeout:.0f}s waiting for {what} on {self.path} "
+                          f"({self.count} messages)") from None
+
+    async def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 5)
+            except (OSError, asyncio.TimeoutError):
+                pass
