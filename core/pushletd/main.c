@@ -39,6 +39,8 @@ static const flag flags[] = {
     {"max-topics", KIND_INT, PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION,
      "topics per connection (default 64)"},
     {"cors-origin", KIND_STR, PUSHLET_OPT_CORS_ORIGIN, "Access-Control-Allow-Origin (default *)"},
+    {"ws-origins", KIND_STR, PUSHLET_OPT_WS_ORIGINS,
+     "Origin values (comma-separated) allowed to open a WebSocket (default any)"},
     {"publish-secret", KIND_STR, PUSHLET_OPT_PUBLISH_SECRET,
      "secret required to publish (Bearer, X-Pushlet-Secret or ?secret=)"},
     {"log-level", KIND_LEVEL, PUSHLET_OPT_LOG_LEVEL, "debug, info, warn or error (default info)"},
