@@ -36,13 +36,27 @@ static pl_span *current_span(pl_http_req *r, int kind)
     return kind == SPAN_FIELD ? &r->names[r->nheaders - 1] : &r->values[r->nheaders - 1];
 }
 
-/* Each callback may deliver a piece of the same element; pieces land contiguously. A change of
- * element NUL-terminates the previous span and starts the next one. */
+/* NUL-terminates the element just finished. A header field whose value never came (http-parser
+ * gives no callback for some empty values) gets the empty string that follows its name. */
+static void end_span(pl_http_req *r)
+{
+    if (r->last_span == SPAN_NONE)
+        return;
+    r->head[r->head_len++] = '\0'; /* head_append always leaves room for it */
+    if (r->last_span == SPAN_FIELD)
+        r->values[r->nheaders - 1] = (pl_span){r->head_len - 1, 0};
+}
+
+/* Pieces of one element arrive in consecutive callbacks of the same kind: an element cut by the
+ * end of the input, or a folded value. Two field names can also come back to back (when the
+ * value between them got no callback), so a field piece extends the previous name only as the
+ * first callback of an execute, i.e. where the input was cut. */
 static int add_piece(pl_http_req *r, int kind, const char *at, size_t len)
 {
-    if (kind != r->last_span) {
-        if (r->last_span != SPAN_NONE)
-            r->head[r->head_len++] = '\0'; /* head_append always leaves room for it */
+    bool fresh = kind != r->last_span || (kind == SPAN_FIELD && !r->may_continue);
+    r->may_continue = false;
+    if (fresh) {
+        end_span(r);
         if (kind == SPAN_FIELD) {
             uint32_t max = r->limits->max_headers;
             if (max > PL_HTTP_MAX_HEADERS_CAP)
@@ -57,6 +71,8 @@ static int add_piece(pl_http_req *r, int kind, const char *at, size_t len)
     pl_span *sp = current_span(r, kind);
     if (kind == SPAN_URL && sp->len + len > r->limits->max_url)
         return fail(r, 414);
+    if (memchr(at, '\0', len))
+        return fail(r, 400); /* RFC 9110 5.5: no NUL in a field value (nor in a target) */
     if (head_append(r, at, len, kind == SPAN_URL ? 414 : 431) != 0)
         return -1;
     sp->len += (uint32_t)len;
@@ -93,7 +109,7 @@ static int on_header_value(http_parser *hp, const char *at, size_t len)
 static int on_headers_complete(http_parser *hp)
 {
     pl_http_req *r = req_of(hp);
-    r->head[r->head_len++] = '\0';
+    end_span(r);
     r->last_span = SPAN_NONE;
     r->headers_done = true;
     /* Trailing whitespace is not part of a field value (RFC 9110 5.5). */
@@ -204,6 +220,7 @@ int pl_http_parse(pl_http_req *r, const char *data, size_t len, size_t *consumed
         return PL_HTTP_COMPLETE;
     if (len == 0)
         return PL_HTTP_INCOMPLETE;
+    r->may_continue = true;
     size_t n = http_parser_execute(&r->parser, &settings, data, len);
     *consumed = n;
     if (r->complete)
@@ -341,7 +358,7 @@ int pl_query_find(const char *q, size_t qlen, const char *key, char **out, size_
     pl_query_init(&it, q, qlen);
     int rc;
     while ((rc = pl_query_next(&it, k, sizeof(k), &klen, val, qlen + 1, &vlen)) != 0) {
-        if (rc == 1 && strcmp(k, key) == 0) {
+        if (rc == 1 && klen == strlen(key) && memcmp(k, key, klen) == 0) {
             *out = val;
             *out_len = vlen;
             return 1;

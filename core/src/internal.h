@@ -218,6 +218,7 @@ typedef struct pl_http_req {
     bool complete;
     bool headers_done;
     uint8_t last_span; /* which head element the last callback appended to */
+    bool may_continue; /* the next callback may extend that element (see add_piece) */
     bool expect_continue;
     uint32_t nheaders;
     pl_span url;

@@ -113,7 +113,7 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
             *err = "invalid query string or topic name";
             return 400;
         }
-        if (strcmp(key, "topic") != 0)
+        if (klen != 5 || memcmp(key, "topic", 5) != 0)
             continue;
         if (!pl_topic_name_valid(val, vlen)) {
             *err = "invalid topic name";

@@ -22,7 +22,7 @@ static void walk_request(const pl_http_req *r)
     pl_query_init(&it, query, qlen);
     int rc;
     while ((rc = pl_query_next(&it, key, sizeof(key), &klen, val, sizeof(val), &vlen)) != 0)
-        assert(rc == -1 || (klen < sizeof(key) && vlen < sizeof(val) && strlen(key) == klen));
+        assert(rc == -1 || (klen < sizeof(key) && vlen < sizeof(val)));
     size_t hlen;
     const char *host = pl_http_header(r, "host", &hlen);
     assert(!host || strlen(host) == hlen);

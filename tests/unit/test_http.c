@@ -718,3 +718,28 @@ Test(http, reason_phrases)
     cr_assert_str_eq(pl_http_reason(431), "Request Header Fields Too Large");
     cr_assert_str_eq(pl_http_reason(299), "Unknown");
 }
+
+/* Regression (fuzz_http): with bare-LF line ends an empty value gets no callback from
+ * http-parser; the field must still read as empty, not as stale bytes of an earlier request,
+ * and the next field must not be glued onto its name. */
+Test(http, empty_values_with_bare_lf)
+{
+    int rc;
+    pl_http_req *r = PARSE(&default_limits, "GET /a HTTP/1.1\nHost:\nX-Next: 1\n\n", &rc, NULL);
+    cr_assert_eq(rc, PL_HTTP_COMPLETE);
+    assert_header(r, "host", "");
+    assert_header(r, "x-next", "1");
+    pl_http_req_reset(r);
+    size_t used;
+    const char *again = "GET /b HTTP/1.1\nAccept:\n\n";
+    cr_assert_eq(pl_http_parse(r, again, strlen(again), &used), PL_HTTP_COMPLETE);
+    assert_header(r, "accept", "");
+    cr_assert_null(pl_http_header(r, "host", NULL));
+    pl_http_req_free(r);
+}
+
+Test(http, nul_in_header_value_is_400)
+{
+    static const char req[] = "GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n";
+    cr_assert_eq(error_status_all_ways(&default_limits, req, sizeof(req) - 1), 400);
+}
