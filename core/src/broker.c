@@ -247,8 +247,6 @@ static int bind_listener(pushlet_t *p)
         return PUSHLET_ELISTEN;
     if ((rc = uv_tcp_bind(&p->listener, (struct sockaddr *)&addr, 0)) != 0 ||
         (rc = uv_listen((uv_stream_t *)&p->listener, 4096, on_connection)) != 0) {
-        pl_error(p, "server", "cannot listen on %s:%d: %s", p->cfg.host, p->cfg.port,
-                 uv_strerror(rc));
         return listen_error(rc);
     }
     struct sockaddr_storage bound;

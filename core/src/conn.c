@@ -14,8 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_IOV   256
-#define LINGER_MS 2000 /* after an error response, keep draining input this long (no RST) */
+#define MAX_IOV               256
+#define LINGER_MS             2000 /* after an error response, keep draining input this long (no RST) */
+#define MAX_LINGERING_REJECTS 256 /* 503-answered connections allowed to linger at once */
 
 typedef struct write_req {
     uv_write_t req;
@@ -59,11 +60,26 @@ void pl_conn_accept(pushlet_t *p)
     pl_list_push(&p->conns_http, &c->link);
     c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.header_timeout_ms;
     c->keep_alive = true;
-    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     if (p->nconns > (uint32_t)p->cfg.max_connections) {
         PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS_REJECTED, 1);
+        if (p->nrejecting >= MAX_LINGERING_REJECTS) {
+            /* A flood: answer in one try and close at once, so rejected connections cannot
+             * pile up while they linger. */
+            static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\n"
+                                       "Content-Length: 0\r\nConnection: close\r\n\r\n";
+            uv_buf_t b = uv_buf_init((char *)busy, sizeof(busy) - 1);
+            uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+            PL_STAT_ADD(p, PUSHLET_STAT_HTTP_ERRORS, 1);
+            pl_conn_close(c, "connection limit");
+            return;
+        }
+        c->rejected = true;
+        p->nrejecting++;
+        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
         pl_respond_error_close(c, 503);
+        return;
     }
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 }
 
 /* ---- Reading -------------------------------------------------------------------------------- */
@@ -89,7 +105,8 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
             return;
         }
         if (rc == PL_HTTP_INCOMPLETE) {
-            if (c->req->headers_done && c->req->expect_continue) {
+            if (c->req->headers_done && c->req->expect_continue &&
+                c->req->parser.http_minor >= 1) { /* never to HTTP/1.0 (RFC 9110 10.1.1) */
                 static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
                 pl_buf *b = pl_buf_from(cont, sizeof(cont) - 1);
                 if (b) {
@@ -102,7 +119,9 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
         }
         c->keep_alive = pl_http_keep_alive(c->req);
         c->http10 = c->req->parser.http_minor == 0;
+        c->head_req = c->req->parser.method == HTTP_HEAD;
         pl_route(c, c->req);
+        c->head_req = false;
         if (c->kind == PL_CONN_WS && len > 0 && !c->closing && !c->ending) {
             /* Frames sent right behind the upgrade request, in the same read. The read buffer
              * is the broker's own, so unmasking in place is fine. */
@@ -114,7 +133,8 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
             c->req = NULL;
             c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.keepalive_timeout_ms;
         } else {
-            pl_http_req_reset(c->req);
+            pl_http_req_reset(c->req); /* a pipelined request follows: its own head deadline */
+            c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.header_timeout_ms;
         }
     }
 }
@@ -122,17 +142,24 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     pl_conn *c = (pl_conn *)s;
+    if (nread == UV_EOF && c->kind == PL_CONN_HTTP && !c->closing &&
+        (c->out_head != c->out_tail || c->writing)) {
+        /* A half-close still gets the answers already queued (libuv stops reading itself). */
+        c->peer_done = true;
+        pl_conn_end(c);
+        return;
+    }
     if (nread < 0) {
         pl_conn_close(c, nread == UV_EOF ? "peer closed" : uv_strerror((int)nread));
         return;
     }
     /* Streams take no input, and a connection being ended only drains what the peer still
      * sends, so that closing does not reset the connection before the peer read our answer. */
-    if (nread == 0 || c->closing || c->ending || c->kind == PL_CONN_SSE)
+    if (nread == 0 || c->closing || c->kind == PL_CONN_SSE)
         return;
     if (c->kind == PL_CONN_WS)
-        pl_ws_on_read(c, (uint8_t *)buf->base, (size_t)nread);
-    else
+        pl_ws_on_read(c, (uint8_t *)buf->base, (size_t)nread); /* also while ending */
+    else if (!c->ending)
         read_requests(c, buf->base, (size_t)nread);
 }
 
@@ -230,7 +257,7 @@ static void on_shutdown(uv_shutdown_t *req, int status)
         pl_conn_close(c, "shutdown");
         return;
     }
-    if (c->kind == PL_CONN_SSE) {
+    if (c->kind == PL_CONN_SSE || c->peer_done) {
         pl_conn_close(c, "stream ended");
         return;
     }
@@ -351,6 +378,8 @@ static void on_close(uv_handle_t *h)
     free(c->out);
     pl_http_req_free(c->req);
     pl_ws_free(c);
+    if (c->rejected)
+        p->nrejecting--;
     free(c);
     p->nconns--;
     PL_STAT_ADD(p, PUSHLET_STAT_CONNECTIONS, -1);

@@ -63,8 +63,8 @@ int pl_inbox_push(pl_inbox *q, pl_msg *m)
     uv_mutex_lock(&q->mu);
     if (!q->open) {
         rc = PUSHLET_ESTOPPED;
-    } else if (m->data_len > q->max_data) {
-        rc = PUSHLET_ETOOBIG;
+    } else if (m->data_len > q->max_data || bytes > q->max_bytes) {
+        rc = PUSHLET_ETOOBIG; /* could never fit: "retry later" would spin forever */
     } else if (q->count >= q->max_count || q->bytes + bytes > q->max_bytes) {
         rc = PUSHLET_EFULL;
     } else {

@@ -372,6 +372,9 @@ typedef struct pl_conn {
     uint8_t kind;      /* pl_conn_kind */
     uint8_t format;    /* pl_format of the messages it receives */
     bool dirty, writing, closing, ending, shut, keep_alive, http10;
+    bool head_req;  /* the request being answered is HEAD: headers only */
+    bool peer_done; /* the peer half-closed: no linger needed once our answers are out */
+    bool rejected;  /* answered 503 at accept (counted in p->nrejecting) */
 } pl_conn;
 
 void pl_conn_accept(pushlet_t *p) PL_HIDDEN;
@@ -448,6 +451,7 @@ enum { PL_STATE_STOPPED = 0, PL_STATE_RUNNING, PL_STATE_STOPPING };
 struct pushlet {
     /* Configuration and lifecycle: guarded by `state_mu`, fixed while running. */
     uv_mutex_t state_mu;
+    uv_cond_t state_cv; /* signalled when a stop completes */
     int state;
     pl_config cfg;
     pl_http_limits limits;
@@ -455,6 +459,7 @@ struct pushlet {
     uv_thread_t loop_thread; /* atomic: set by the loop thread itself, 0 when none */
     bool stop_requested;     /* atomic */
     int bound_port;          /* atomic */
+    size_t max_data;         /* atomic: cfg.max_message_size, for publishers */
 
     /* Logging: `log_mu` guards the callback triple. */
     uv_mutex_t log_mu;
@@ -480,6 +485,7 @@ struct pushlet {
     pl_link conns_http, conns_stream;
     pl_conn *dirty, *closing;
     uint32_t nconns;
+    uint32_t nrejecting; /* 503-answered connections still lingering */
     pl_buf *sse_preamble, *sse_heartbeat, *ws_ping;
     pl_deflate *deflate; /* made on first use */
     char *read_buf;      /* one per broker: every read is handled before the next */

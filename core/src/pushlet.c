@@ -138,6 +138,7 @@ static void sync_limits(pushlet_t *p)
     /* Bodies carry message data (plus form encoding for /send). */
     p->limits.max_body = (uint64_t)p->cfg.max_message_size * 3 + 1024;
     p->events.max_count = (size_t)p->cfg.max_pending_events;
+    __atomic_store_n(&p->max_data, (size_t)p->cfg.max_message_size, __ATOMIC_RELAXED);
     __atomic_store_n(&p->log_level, (int)p->cfg.log_level, __ATOMIC_RELAXED);
 }
 
@@ -245,9 +246,11 @@ int pushlet_new(pushlet_t **out)
     strcpy(p->cfg.host, "127.0.0.1");
     p->cfg.port = 8080;
     int rc = ok ? 0 : PUSHLET_ENOMEM;
-    bool mu = false, log_mu = false, events = false, inbox = false;
+    bool mu = false, cv = false, log_mu = false, events = false, inbox = false;
     if (!rc)
         rc = (mu = uv_mutex_init(&p->state_mu) == 0) ? 0 : PUSHLET_ESYSTEM;
+    if (!rc)
+        rc = (cv = uv_cond_init(&p->state_cv) == 0) ? 0 : PUSHLET_ESYSTEM;
     if (!rc)
         rc = (log_mu = uv_mutex_init(&p->log_mu) == 0) ? 0 : PUSHLET_ESYSTEM;
     if (!rc)
@@ -261,6 +264,8 @@ int pushlet_new(pushlet_t **out)
             pl_events_destroy(&p->events);
         if (log_mu)
             uv_mutex_destroy(&p->log_mu);
+        if (cv)
+            uv_cond_destroy(&p->state_cv);
         if (mu)
             uv_mutex_destroy(&p->state_mu);
         for (size_t i = 0; i < COUNT(str_options); i++)
@@ -287,8 +292,12 @@ int pushlet_start(pushlet_t *p)
             p->state = PL_STATE_RUNNING;
     }
     uv_mutex_unlock(&p->state_mu);
+    /* Logged outside state_mu: a logger may call back into the API. */
     if (rc == 0)
         pl_info(p, "server", "listening on %s:%d", p->cfg.host, pushlet_port(p));
+    else if (rc != PUSHLET_EBUSY)
+        pl_error(p, "server", "cannot start on %s:%d: %s", p->cfg.host, p->cfg.port,
+                 pushlet_strerror(rc));
     return rc;
 }
 
@@ -301,6 +310,9 @@ int pushlet_stop(pushlet_t *p)
     /* Not holding state_mu while joining: a callback on the loop thread that touches options
      * gets PUSHLET_EBUSY instead of deadlocking the stop. */
     uv_mutex_lock(&p->state_mu);
+    /* A stop already under way: wait for it, so that on return the loop is gone either way. */
+    while (p->state == PL_STATE_STOPPING)
+        uv_cond_wait(&p->state_cv, &p->state_mu);
     bool running = p->state == PL_STATE_RUNNING;
     if (running)
         p->state = PL_STATE_STOPPING;
@@ -310,11 +322,10 @@ int pushlet_stop(pushlet_t *p)
     pl_broker_stop(p);
     uv_mutex_lock(&p->state_mu);
     p->state = PL_STATE_STOPPED;
+    uv_cond_broadcast(&p->state_cv);
     uv_mutex_unlock(&p->state_mu);
-    int rc = 0;
-    if (rc == 0)
-        pl_info(p, "server", "stopped");
-    return rc;
+    pl_info(p, "server", "stopped");
+    return 0;
 }
 
 int pushlet_free(pushlet_t *p)
@@ -327,6 +338,7 @@ int pushlet_free(pushlet_t *p)
     pl_inbox_destroy(&p->inbox);
     pl_events_destroy(&p->events);
     uv_mutex_destroy(&p->log_mu);
+    uv_cond_destroy(&p->state_cv);
     uv_mutex_destroy(&p->state_mu);
     for (size_t i = 0; i < COUNT(str_options); i++)
         free(*str_field(&p->cfg, &str_options[i]));
@@ -349,6 +361,8 @@ static int publish(pushlet_t *p, const char *topic, const char *event, const cha
     if ((!to_all && (!topic || !pl_topic_name_valid(topic, topic_len))) ||
         !pl_event_name_valid(event, event_len))
         rc = PUSHLET_EINVAL;
+    else if (len > __atomic_load_n(&p->max_data, __ATOMIC_RELAXED))
+        rc = PUSHLET_ETOOBIG; /* before copying it (the inbox checks again, under its lock) */
     pl_msg *m = NULL;
     if (!rc) {
         m = pl_msg_new(to_all ? "" : topic, topic_len, event, event_len, data ? data : "", len);

@@ -14,11 +14,18 @@ void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, co
                 size_t body_len, bool head_only)
 {
     pushlet_t *p = c->p;
-    const char *fmt = "HTTP/1.1 %d %s\r\n"
-                      "Content-Type: %s\r\n"
-                      "Content-Length: %zu\r\n"
-                      "Access-Control-Allow-Origin: %s\r\n"
-                      "%s%s\r\n";
+    /* 204 carries no Content-Length (RFC 9110 8.6); HEAD answers carry no body. */
+    const char *fmt = status == 204 ? "HTTP/1.1 %d %s\r\n"
+                                      "Content-Type: %s\r\n"
+                                      "%.0zu"
+                                      "Access-Control-Allow-Origin: %s\r\n"
+                                      "%s%s\r\n"
+                                    : "HTTP/1.1 %d %s\r\n"
+                                      "Content-Type: %s\r\n"
+                                      "Content-Length: %zu\r\n"
+                                      "Access-Control-Allow-Origin: %s\r\n"
+                                      "%s%s\r\n";
+    head_only |= c->head_req;
     /* HTTP/1.0 peers only keep the connection when told so. */
     const char *conn_hdr = !c->keep_alive ? "Connection: close\r\n"
                            : c->http10    ? "Connection: keep-alive\r\n"

@@ -21,6 +21,7 @@ struct pl_ws_conn {
     size_t msg_len, msg_cap;
     uint8_t msg_opcode;
     bool awaiting_pong, close_sent, deflate;
+    bool failed; /* closed for a protocol error: the parser's state means nothing any more */
 };
 
 #define CLOSE_REASON_MAX 123
@@ -124,46 +125,69 @@ static bool has_token(const char *value, const char *token)
     return false;
 }
 
-/* Accepts the first permessage-deflate offer we can honour (RFC 7692 5): we always answer
- * with no context takeover both ways, so no offer parameter can stop us except a smaller
- * server window, which a shared compressed frame cannot honour per client. */
-static bool accept_deflate(const char *offers)
+/* The offer parameters we understand (RFC 7692 7.1), each allowed once. */
+enum { P_SERVER_NCT = 1, P_CLIENT_NCT = 2, P_SERVER_BITS = 4, P_CLIENT_BITS = 8 };
+
+static int deflate_param(const char *tok)
+{
+    if (strcasecmp(tok, "server_no_context_takeover") == 0)
+        return P_SERVER_NCT;
+    if (strcasecmp(tok, "client_no_context_takeover") == 0)
+        return P_CLIENT_NCT;
+    /* A shared compressed frame cannot use a smaller window for one client: only 15. */
+    if (strcasecmp(tok, "server_max_window_bits=15") == 0 ||
+        strcasecmp(tok, "server_max_window_bits=\"15\"") == 0)
+        return P_SERVER_BITS;
+    if (strcasecmp(tok, "client_max_window_bits") == 0)
+        return P_CLIENT_BITS;
+    if (strncasecmp(tok, "client_max_window_bits=", 23) == 0) {
+        const char *v = tok + 23;
+        bool quoted = *v == '"';
+        char *end;
+        long bits = strtol(v + quoted, &end, 10);
+        if (end != v + quoted && bits >= 8 && bits <= 15 && *end == (quoted ? '"' : '\0') &&
+            (!quoted || end[1] == '\0'))
+            return P_CLIENT_BITS;
+    }
+    return 0;
+}
+
+/* Accepts the first permessage-deflate offer we can honour (RFC 7692 5). We answer with no
+ * context takeover both ways, whatever was offered; server_max_window_bits=15 is echoed as the
+ * RFC requires. Returns 0 (no offer accepted), 1, or 2 (accepted, echo the window bits). */
+static int accept_deflate(const char *offers)
 {
     for (const char *o = offers; o && *o;) {
-        const char *end = strchr(o, ',');
-        size_t olen = end ? (size_t)(end - o) : strlen(o);
+        const char *start = o, *end = strchr(o, ',');
+        size_t olen = end ? (size_t)(end - start) : strlen(start);
         char offer[256];
-        if (olen < sizeof(offer)) {
-            memcpy(offer, o, olen);
-            offer[olen] = '\0';
-            bool ok = true, first = true;
-            char *save = NULL;
-            for (char *tok = strtok_r(offer, ";", &save); tok; tok = strtok_r(NULL, ";", &save)) {
-                while (*tok == ' ' || *tok == '\t')
-                    tok++;
-                size_t n = strlen(tok);
-                while (n && (tok[n - 1] == ' ' || tok[n - 1] == '\t'))
-                    tok[--n] = '\0';
-                if (first) {
-                    ok = strcasecmp(tok, "permessage-deflate") == 0;
-                    first = false;
-                } else if (strcasecmp(tok, "server_max_window_bits=15") == 0 ||
-                           strcasecmp(tok, "server_no_context_takeover") == 0 ||
-                           strcasecmp(tok, "client_no_context_takeover") == 0 ||
-                           strncasecmp(tok, "client_max_window_bits", 22) == 0) {
-                    continue;
-                } else {
-                    ok = false; /* server_max_window_bits < 15, or unknown */
-                }
-                if (!ok)
-                    break;
-            }
-            if (ok && !first)
-                return true;
-        }
         o = end ? end + 1 : NULL;
+        if (olen >= sizeof(offer))
+            continue;
+        memcpy(offer, start, olen);
+        offer[olen] = '\0';
+        int seen = 0;
+        bool ok = true, first = true;
+        char *save = NULL;
+        for (char *tok = strtok_r(offer, ";", &save); tok && ok; tok = strtok_r(NULL, ";", &save)) {
+            while (*tok == ' ' || *tok == '\t')
+                tok++;
+            size_t n = strlen(tok);
+            while (n && (tok[n - 1] == ' ' || tok[n - 1] == '\t'))
+                tok[--n] = '\0';
+            if (first) {
+                ok = strcasecmp(tok, "permessage-deflate") == 0;
+                first = false;
+                continue;
+            }
+            int param = deflate_param(tok);
+            ok = param != 0 && !(seen & param); /* unknown or repeated: decline this offer */
+            seen |= param;
+        }
+        if (ok && !first)
+            return seen & P_SERVER_BITS ? 2 : 1;
     }
-    return false;
+    return 0;
 }
 
 static bool origin_allowed(const pushlet_t *p, const pl_http_req *r)
@@ -241,7 +265,8 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
         return;
     }
     const char *extensions = pl_http_header(r, "sec-websocket-extensions", NULL);
-    ws->deflate = extensions && accept_deflate(extensions);
+    int deflate = extensions ? accept_deflate(extensions) : 0;
+    ws->deflate = deflate != 0;
     if (ws->deflate && !p->deflate && !(p->deflate = pl_deflate_new()))
         ws->deflate = false;
     if (ws->deflate)
@@ -255,17 +280,21 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
     char accept[29];
     pl_ws_accept_key(key, klen, accept);
     char head[384];
-    int n = snprintf(head, sizeof(head),
-                     "HTTP/1.1 101 Switching Protocols\r\n"
-                     "Upgrade: websocket\r\n"
-                     "Connection: Upgrade\r\n"
-                     "Sec-WebSocket-Accept: %s\r\n"
-                     "%s%s%s%s\r\n",
-                     accept, chosen ? "Sec-WebSocket-Protocol: " : "", chosen ? chosen : "",
-                     chosen ? "\r\n" : "",
-                     ws->deflate ? "Sec-WebSocket-Extensions: permessage-deflate; "
-                                   "server_no_context_takeover; client_no_context_takeover\r\n"
-                                 : "");
+    int n =
+        snprintf(head, sizeof(head),
+                 "HTTP/1.1 101 Switching Protocols\r\n"
+                 "Upgrade: websocket\r\n"
+                 "Connection: Upgrade\r\n"
+                 "Sec-WebSocket-Accept: %s\r\n"
+                 "%s%s%s%s\r\n",
+                 accept, chosen ? "Sec-WebSocket-Protocol: " : "", chosen ? chosen : "",
+                 chosen ? "\r\n" : "",
+                 !ws->deflate ? ""
+                 : deflate == 2
+                     ? "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+                       "client_no_context_takeover; server_max_window_bits=15\r\n"
+                     : "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+                       "client_no_context_takeover\r\n");
     pl_buf *b = pl_buf_from(head, (size_t)n);
     if (!b) {
         pl_conn_close(c, "out of memory");
@@ -371,8 +400,6 @@ static void control(pl_conn *c, const pl_ws_event *ev)
         send_frame(c, PL_WS_PONG, ev->data, ev->len);
     } else if (ev->opcode == PL_WS_PONG) {
         ws->awaiting_pong = false;
-    } else if (ws->close_sent) {
-        pl_conn_close(c, "close handshake complete");
     } else {
         /* Echo the peer's code; an empty close gets an empty close. */
         if (ev->len >= 2)
@@ -437,9 +464,35 @@ static void data(pl_conn *c, const pl_ws_event *ev)
     }
 }
 
+/* After our close frame was queued: wait for the peer's, ignoring everything else. Once both
+ * are through, close without lingering; never before ours is written. */
+static void await_close(pl_conn *c, uint8_t *buf, size_t len)
+{
+    while (len > 0 && !c->closing && !c->ws->failed) {
+        size_t used;
+        pl_ws_event ev;
+        int rc = pl_ws_parse(&c->ws->parser, buf, len, &used, &ev);
+        buf += used;
+        len -= used;
+        if (rc == PL_WS_ERROR) {
+            c->ws->failed = true;
+        } else if (rc == PL_WS_CONTROL && ev.opcode == PL_WS_CLOSE) {
+            c->peer_done = true; /* on_shutdown closes at once */
+            if (c->shut)
+                pl_conn_close(c, "close handshake complete");
+            return;
+        }
+    }
+}
+
 void pl_ws_on_read(pl_conn *c, uint8_t *buf, size_t len)
 {
     c->ws->awaiting_pong = false; /* any traffic shows the peer is alive */
+    if (c->ending) {
+        if (c->ws->close_sent)
+            await_close(c, buf, len);
+        return;
+    }
     while (len > 0 && !c->closing && !c->ending) {
         size_t used;
         pl_ws_event ev;
@@ -447,6 +500,7 @@ void pl_ws_on_read(pl_conn *c, uint8_t *buf, size_t len)
         buf += used;
         len -= used;
         if (rc == PL_WS_ERROR) {
+            c->ws->failed = true;
             pl_ws_close(c, ev.close_code,
                         ev.close_code == 1009   ? "message too big"
                         : ev.close_code == 1007 ? "invalid UTF-8"

@@ -7,6 +7,7 @@
 #include <criterion/criterion.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -570,4 +571,50 @@ Test(broker, three_brokers_independent, .timeout = 60)
     tu_client_close(&c[2]);
     for (int i = 0; i < 3; i++)
         cr_assert_eq(pushlet_free(b[i]), 0);
+}
+
+/* ---- Concurrent stops ------------------------------------------------------------------------ */
+
+static void stop_in_thread(void *arg) { pushlet_stop(arg); }
+
+static uint64_t ms_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A second stop (or free) while one is under way must wait for it: returning early let
+ * pushlet_free destroy a broker whose loop was still running. */
+Test(broker, second_stop_waits_for_the_first, .timeout = 60)
+{
+    pushlet_t *p = new_broker();
+    cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_STOP_TIMEOUT_MS, 1000), 0);
+    cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_MAX_OUTPUT_BYTES, (int64_t)1 << 30), 0);
+    int port = start(p);
+    tu_client c;
+    subscribe(&c, port, "slow"); /* never reads: the stop has to wait out its deadline */
+    static char big[60000];
+    memset(big, 'x', sizeof(big));
+    /* More than loopback socket buffers absorb, so output is still queued at stop. */
+    for (int i = 0; i < 800; i++) {
+        int prc;
+        while ((prc = pushlet_publish(p, "slow", NULL, big, sizeof(big))) == PUSHLET_EFULL)
+            sched_yield();
+        cr_assert_eq(prc, 0);
+    }
+    uv_thread_t first;
+    uint64_t t0 = ms_now();
+    cr_assert_eq(uv_thread_create(&first, stop_in_thread, p), 0);
+    struct timespec pause = {0, 100 * 1000000};
+    nanosleep(&pause, NULL);
+    int rc = pushlet_stop(p);
+    uint64_t waited = ms_now() - t0;
+    cr_assert(rc == PUSHLET_ESTOPPED || rc == 0, "second stop: %s", pushlet_strerror(rc));
+    cr_assert_geq(waited, 800, "the second stop returned after %llu ms, before the first ended",
+                  (unsigned long long)waited);
+    uv_thread_join(&first);
+    start(p); /* stopped for real: it starts again */
+    cr_assert_eq(pushlet_free(p), 0);
+    tu_client_close(&c);
 }
