@@ -5,7 +5,9 @@
  *   thread between pushlet_start() and pushlet_stop(); brokers share no state, so any number of
  *   them can live in one process.
  * - Calls return 0 on success or a negative PUSHLET_E* code; pushlet_strerror() describes it.
- * - Calls that take strings copy them; nothing the caller passes is kept after a call returns.
+ * - Calls that take strings copy them. The only things kept after a call returns are a
+ *   callback and its userdata (pushlet_set_logger), until replaced or pushlet_free().
+ * - Enum values are fixed: new ones are only ever added with new numbers.
  * - "Thread: any" means the call may be made from any thread, concurrently with other calls.
  *   "Thread: not loop" means any thread except the broker's own loop thread (i.e. not from inside
  *   a callback the broker made); such calls refuse with PUSHLET_EWRONGTHREAD there.
@@ -62,53 +64,53 @@ enum {
 /** Integer options, set with pushlet_set_int() before pushlet_start(). */
 typedef enum {
     PUSHLET_OPT_HEARTBEAT_MS = 1,          /* SSE heartbeat interval; default 30000, 0 = none */
-    PUSHLET_OPT_HEADER_TIMEOUT_MS,         /* time to receive a request head (408); default 10000 */
-    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS,      /* idle keep-alive connections close; default 30000 */
-    PUSHLET_OPT_STOP_TIMEOUT_MS,           /* graceful stop deadline; default 5000 */
-    PUSHLET_OPT_RETRY_MS,                  /* SSE `retry:` hint sent to clients; default 3000 */
-    PUSHLET_OPT_MAX_CONNECTIONS,           /* more are answered 503; default 10000 */
-    PUSHLET_OPT_MAX_MESSAGE_SIZE,          /* bytes of data per message; default 65536 */
-    PUSHLET_OPT_MAX_HEADER_SIZE,           /* request line + headers, bytes (431); default 8192 */
-    PUSHLET_OPT_MAX_URL_SIZE,              /* request target, bytes (414); default 4096 */
-    PUSHLET_OPT_MAX_HEADERS,               /* header fields per request (431); default 64 */
-    PUSHLET_OPT_MAX_OUTPUT_BYTES,          /* unsent bytes per connection before it is dropped as a
+    PUSHLET_OPT_HEADER_TIMEOUT_MS = 2,         /* time to receive a request head (408); default 10000 */
+    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS = 3,      /* idle keep-alive connections close; default 30000 */
+    PUSHLET_OPT_STOP_TIMEOUT_MS = 4,           /* graceful stop deadline; default 5000 */
+    PUSHLET_OPT_RETRY_MS = 5,                  /* SSE `retry:` hint sent to clients; default 3000 */
+    PUSHLET_OPT_MAX_CONNECTIONS = 6,           /* more are answered 503; default 10000 */
+    PUSHLET_OPT_MAX_MESSAGE_SIZE = 7,          /* bytes of data per message; default 65536 */
+    PUSHLET_OPT_MAX_HEADER_SIZE = 8,           /* request line + headers, bytes (431); default 8192 */
+    PUSHLET_OPT_MAX_URL_SIZE = 9,              /* request target, bytes (414); default 4096 */
+    PUSHLET_OPT_MAX_HEADERS = 10,               /* header fields per request (431); default 64 */
+    PUSHLET_OPT_MAX_OUTPUT_BYTES = 11,          /* unsent bytes per connection before it is dropped as a
                                               slow consumer; default 1048576 */
-    PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION, /* default 64 */
-    PUSHLET_OPT_MAX_QUEUED_MESSAGES, /* publishes waiting for the loop (EFULL); default 65536 */
-    PUSHLET_OPT_MAX_QUEUED_BYTES,    /* bytes waiting for the loop (EFULL); default 64 MiB */
-    PUSHLET_OPT_MAX_PENDING_EVENTS,  /* pull-queue events kept before dropping; default 4096 */
-    PUSHLET_OPT_HTTP_PUBLISH,        /* 1 = serve the HTTP publish endpoints; default 0 */
-    PUSHLET_OPT_LOG_LEVEL,           /* least level reported; default PUSHLET_LOG_INFO */
+    PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION = 12, /* default 64 */
+    PUSHLET_OPT_MAX_QUEUED_MESSAGES = 13, /* publishes waiting for the loop (EFULL); default 65536 */
+    PUSHLET_OPT_MAX_QUEUED_BYTES = 14,    /* bytes waiting for the loop (EFULL); default 64 MiB */
+    PUSHLET_OPT_MAX_PENDING_EVENTS = 15,  /* pull-queue events kept before dropping; default 4096 */
+    PUSHLET_OPT_HTTP_PUBLISH = 16,        /* 1 = serve the HTTP publish endpoints; default 0 */
+    PUSHLET_OPT_LOG_LEVEL = 17,           /* least level reported; default PUSHLET_LOG_INFO */
     /* String options, set with pushlet_set_str(). */
     PUSHLET_OPT_SSE_PATH = 100,   /* default "/events" */
-    PUSHLET_OPT_WS_PATH,          /* default "/ws" (reserved for the WebSocket transport) */
-    PUSHLET_OPT_PUBLISH_PATH,     /* default "/publish" */
-    PUSHLET_OPT_PUBLISH_ALL_PATH, /* default "/publish_all" */
-    PUSHLET_OPT_SEND_PATH,        /* default "/send" (the seed's GET publish) */
-    PUSHLET_OPT_STATS_PATH,       /* default "/stats" */
-    PUSHLET_OPT_HEALTH_PATH,      /* default "/healthz" */
-    PUSHLET_OPT_CORS_ORIGIN,      /* Access-Control-Allow-Origin; default "*" */
-    PUSHLET_OPT_PUBLISH_SECRET,   /* required by the HTTP publish endpoints; default none */
-    PUSHLET_OPT_INDEX_HTML,       /* page served at GET /; default none (404) */
-    PUSHLET_OPT_WS_ORIGINS,       /* Origin values (comma-separated) allowed to open a
+    PUSHLET_OPT_WS_PATH = 101,          /* default "/ws" (reserved for the WebSocket transport) */
+    PUSHLET_OPT_PUBLISH_PATH = 102,     /* default "/publish" */
+    PUSHLET_OPT_PUBLISH_ALL_PATH = 103, /* default "/publish_all" */
+    PUSHLET_OPT_SEND_PATH = 104,        /* default "/send" (the seed's GET publish) */
+    PUSHLET_OPT_STATS_PATH = 105,       /* default "/stats" */
+    PUSHLET_OPT_HEALTH_PATH = 106,      /* default "/healthz" */
+    PUSHLET_OPT_CORS_ORIGIN = 107,      /* Access-Control-Allow-Origin; default "*" */
+    PUSHLET_OPT_PUBLISH_SECRET = 108,   /* required by the HTTP publish endpoints; default none */
+    PUSHLET_OPT_INDEX_HTML = 109,       /* page served at GET /; default none (404) */
+    PUSHLET_OPT_WS_ORIGINS = 110,       /* Origin values (comma-separated) allowed to open a
                                      WebSocket; default any */
 } pushlet_option_t;
 
 /** Counters and gauges, read with pushlet_stat(). */
 typedef enum {
     PUSHLET_STAT_CONNECTIONS = 0,      /* open client connections (gauge) */
-    PUSHLET_STAT_SSE_CONNECTIONS,      /* open SSE streams (gauge) */
-    PUSHLET_STAT_SUBSCRIPTIONS,        /* (connection, topic) pairs (gauge) */
-    PUSHLET_STAT_TOPICS,               /* topics with at least one subscriber (gauge) */
-    PUSHLET_STAT_MESSAGES_IN,          /* messages published */
-    PUSHLET_STAT_MESSAGES_OUT,         /* message deliveries queued to connections */
-    PUSHLET_STAT_BYTES_OUT,            /* bytes written to sockets */
-    PUSHLET_STAT_SLOW_CONSUMER_DROPS,  /* connections dropped over their output bound */
-    PUSHLET_STAT_PUBLISH_REJECTED,     /* publishes refused (queue full, too big, ...) */
-    PUSHLET_STAT_CONNECTIONS_REJECTED, /* connections answered 503 */
-    PUSHLET_STAT_HTTP_ERRORS,          /* requests answered with a 4xx/5xx status */
-    PUSHLET_STAT_CONNECTIONS_TOTAL,    /* connections accepted since start */
-    PUSHLET_STAT_WS_CONNECTIONS,       /* open WebSocket connections (gauge) */
+    PUSHLET_STAT_SSE_CONNECTIONS = 1,      /* open SSE streams (gauge) */
+    PUSHLET_STAT_SUBSCRIPTIONS = 2,        /* (connection, topic) pairs (gauge) */
+    PUSHLET_STAT_TOPICS = 3,               /* topics with at least one subscriber (gauge) */
+    PUSHLET_STAT_MESSAGES_IN = 4,          /* messages published */
+    PUSHLET_STAT_MESSAGES_OUT = 5,         /* message deliveries queued to connections */
+    PUSHLET_STAT_BYTES_OUT = 6,            /* bytes written to sockets */
+    PUSHLET_STAT_SLOW_CONSUMER_DROPS = 7,  /* connections dropped over their output bound */
+    PUSHLET_STAT_PUBLISH_REJECTED = 8,     /* publishes refused (queue full, too big, ...) */
+    PUSHLET_STAT_CONNECTIONS_REJECTED = 9, /* connections answered 503 */
+    PUSHLET_STAT_HTTP_ERRORS = 10,          /* requests answered with a 4xx/5xx status */
+    PUSHLET_STAT_CONNECTIONS_TOTAL = 11,    /* connections accepted since start */
+    PUSHLET_STAT_WS_CONNECTIONS = 12,       /* open WebSocket connections (gauge) */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 
@@ -163,7 +165,10 @@ PUSHLET_EXTERN int pushlet_set_str(pushlet_t *p, pushlet_option_t opt, const cha
 PUSHLET_EXTERN int pushlet_set_heartbeat_interval(pushlet_t *p, uint32_t ms);
 
 /** Install a logger callback (NULL removes it) and the least level it gets.
- *  @return 0 or PUSHLET_EINVAL. Thread: any; takes effect for records logged after it returns. */
+ *  A record being logged on another thread as this returns may still reach the previous
+ *  callback: keep its userdata valid until pushlet_free() (bindings: prefer the pull queue).
+ *  The callback must not call pushlet_start/stop/free or the option setters.
+ *  @return 0 or PUSHLET_EINVAL. Thread: any. Ownership: `fn` and `userdata` are kept. */
 PUSHLET_EXTERN int pushlet_set_logger(pushlet_t *p, pushlet_log_fn fn, int min_level,
                                       void *userdata);
 
