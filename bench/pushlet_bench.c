@@ -1,8 +1,10 @@
 /*
- * pushlet-bench: SSE fan-out benchmark client (method: docs/BENCHMARKS.md).
+ * pushlet-bench: SSE / WebSocket fan-out benchmark client (method:
+ * docs/BENCHMARKS.md).
  *
- * One process, one libuv loop.  It opens N SSE subscribers, proves each one
- * is really subscribed (warm-up message), publishes M messages over a few
+ * One process, one libuv loop.  It opens N subscribers (SSE, or WebSocket
+ * with --transport ws), proves each one is really subscribed (warm-up
+ * message), publishes M messages over a few
  * keep-alive HTTP connections and checks every delivery: loss, duplicates,
  * reordering and publish->receive latency.  It also samples the server's
  * RSS and CPU from /proc for the PIDs it is given.
@@ -25,6 +27,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/resource.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <uv.h>
@@ -39,6 +42,8 @@
 #define MAX_LINE       (64 * 1024)
 #define MAX_HEAD       (16 * 1024)
 #define MAX_BODY       65536
+/* Largest WebSocket message (all fragments) a subscriber accepts. */
+#define MAX_WS_MSG     (1024 * 1024)
 /* Linux allows this many files per process here; stay clear of it. */
 #define MAX_SUBSCRIBERS 19500
 #define NS_PER_S        1000000000ull
@@ -50,6 +55,8 @@ struct options {
     const char *scenario, *target, *host, *sub_path, *pub_path, *prefix;
     int port, subscribers, topics, publishers, pipeline, size;
     int max_connecting, spread;
+    bool ws;          /* --transport ws */
+    bool ws_raw;      /* --ws-protocol raw: payload = data, ready on 101 */
     long messages, window;
     double rate, duration, timeout, stall_timeout, settle;
     int pids[MAX_PIDS], npids;
@@ -163,7 +170,9 @@ static size_t dechunk_step(struct dechunk *d, const char *p, size_t len, const c
 /* ------------------------------------------------------------------ */
 /* connections and global state                                        */
 
-enum sub_state { SS_IDLE, SS_CONNECTING, SS_HEAD, SS_STREAM, SS_CLOSED };
+/* SS_WSWAIT: WebSocket open, waiting for the server's "subscribed" reply
+ * (still counted as connecting). */
+enum sub_state { SS_IDLE, SS_CONNECTING, SS_HEAD, SS_WSWAIT, SS_STREAM, SS_CLOSED };
 enum ev_kind { EV_MESSAGE, EV_CONNECTED, EV_OTHER };
 enum data_kind { DK_NONE, DK_BENCH, DK_WARM, DK_UNKNOWN };
 
@@ -182,6 +191,14 @@ struct sub {
     uint8_t *bits;     /* received flags, by sequence within topic */
     uint32_t bits_cap; /* bytes */
     int64_t *last_g;   /* highest g seen from each publisher */
+    /* WebSocket: frame header being assembled, then payload bytes left.
+     * A message split over reads or frames is collected in `carry`. */
+    uint8_t ws_hdr[14];
+    uint8_t ws_hlen, ws_op, ws_msg_op, ws_ctl_len;
+    bool ws_fin, ws_in_payload;
+    uint8_t ws_key[16]; /* Sec-WebSocket-Key, raw */
+    uint8_t *ws_ctl;    /* control frame payload (<= 125 bytes), lazily */
+    uint64_t ws_left;
 };
 
 /* The order in which the first subscriber to get there saw a topic's
@@ -250,6 +267,7 @@ struct bench {
     uint64_t published, acked, publish_errors, low;
     uint64_t expected, deliveries, dups, reordered, unexpected, diverged;
     uint64_t other_events, id_regressions, disconnects, connect_errors;
+    uint64_t ws_pings; /* pings answered with a pong */
     int last_bad_status;
 
     uint64_t hist[HIST_BUCKETS];
@@ -785,6 +803,565 @@ static void sub_body(struct sub *sb, const char *p, size_t len, uint64_t now)
 }
 
 /* ------------------------------------------------------------------ */
+/* WebSocket (RFC 6455), client side                                   */
+
+static uint64_t rng_state;
+
+/* splitmix64, seeded from getrandom(): keys and masks need not be
+ * cryptographic, only unpredictable enough for a server to accept. */
+static uint64_t rng_next(void)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(void)
+{
+    if (getrandom(&rng_state, sizeof rng_state, 0) != (ssize_t)sizeof rng_state)
+        rng_state = uv_hrtime() ^ ((uint64_t)getpid() << 32);
+}
+
+static uint32_t rol32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+static void sha1_block(uint32_t h[5], const uint8_t *b)
+{
+    uint32_t w[80];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)b[4 * i] << 24 | (uint32_t)b[4 * i + 1] << 16 |
+               (uint32_t)b[4 * i + 2] << 8 | b[4 * i + 3];
+    for (int i = 16; i < 80; i++)
+        w[i] = rol32(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    uint32_t a = h[0], bb = h[1], c = h[2], d = h[3], e = h[4];
+    for (int i = 0; i < 80; i++) {
+        uint32_t f, k;
+        if (i < 20) {
+            f = (bb & c) | (~bb & d);
+            k = 0x5a827999;
+        } else if (i < 40) {
+            f = bb ^ c ^ d;
+            k = 0x6ed9eba1;
+        } else if (i < 60) {
+            f = (bb & c) | (bb & d) | (c & d);
+            k = 0x8f1bbcdc;
+        } else {
+            f = bb ^ c ^ d;
+            k = 0xca62c1d6;
+        }
+        uint32_t t = rol32(a, 5) + f + e + k + w[i];
+        e = d;
+        d = c;
+        c = rol32(bb, 30);
+        bb = a;
+        a = t;
+    }
+    h[0] += a;
+    h[1] += bb;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+}
+
+/* Any length; used here on a key plus the GUID (60 bytes). */
+static void sha1(const uint8_t *msg, size_t len, uint8_t out[20])
+{
+    uint32_t h[5] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0};
+    uint8_t blk[128];
+    size_t full = len / 64 * 64;
+    for (size_t i = 0; i < full; i += 64)
+        sha1_block(h, msg + i);
+    size_t rest = len - full;
+    memset(blk, 0, sizeof blk);
+    memcpy(blk, msg + full, rest);
+    blk[rest] = 0x80;
+    size_t total = rest + 9 <= 64 ? 64 : 128;
+    uint64_t bits = (uint64_t)len * 8;
+    for (int i = 0; i < 8; i++)
+        blk[total - 1 - i] = (uint8_t)(bits >> (8 * i));
+    for (size_t i = 0; i < total; i += 64)
+        sha1_block(h, blk + i);
+    for (int i = 0; i < 5; i++) {
+        out[4 * i] = (uint8_t)(h[i] >> 24);
+        out[4 * i + 1] = (uint8_t)(h[i] >> 16);
+        out[4 * i + 2] = (uint8_t)(h[i] >> 8);
+        out[4 * i + 3] = (uint8_t)h[i];
+    }
+}
+
+static size_t base64(const uint8_t *in, size_t len, char *out)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t o = 0;
+    for (size_t i = 0; i < len; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        if (i + 1 < len)
+            v |= (uint32_t)in[i + 1] << 8;
+        if (i + 2 < len)
+            v |= in[i + 2];
+        out[o++] = tab[v >> 18 & 63];
+        out[o++] = tab[v >> 12 & 63];
+        out[o++] = i + 1 < len ? tab[v >> 6 & 63] : '=';
+        out[o++] = i + 2 < len ? tab[v & 63] : '=';
+    }
+    out[o] = '\0';
+    return o;
+}
+
+static void ws_key_b64(const struct sub *sb, char out[25]) { base64(sb->ws_key, 16, out); }
+
+static void ws_expected_accept(const struct sub *sb, char out[29])
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    uint8_t in[24 + sizeof guid], dig[20];
+    char key[25];
+    ws_key_b64(sb, key);
+    memcpy(in, key, 24);
+    memcpy(in + 24, guid, sizeof guid - 1);
+    sha1(in, 24 + sizeof guid - 1, dig);
+    base64(dig, 20, out);
+}
+
+/* A masked client frame (control frames only: pong, close). */
+static int ws_client_frame(char *out, uint8_t opcode, const uint8_t *payload, size_t len)
+{
+    uint64_t r = rng_next();
+    uint8_t mask[4] = {(uint8_t)r, (uint8_t)(r >> 8), (uint8_t)(r >> 16), (uint8_t)(r >> 24)};
+    out[0] = (char)(0x80 | opcode);
+    out[1] = (char)(0x80 | len); /* control payloads are <= 125 bytes */
+    memcpy(out + 2, mask, 4);
+    for (size_t i = 0; i < len; i++)
+        out[6 + i] = (char)(payload[i] ^ mask[i & 3]);
+    return (int)(6 + len);
+}
+
+/* Value of header `name` (with the colon, lower case) in a response head. */
+static const char *head_value(const char *h, size_t len, const char *name, size_t *vlen)
+{
+    size_t nlen = strlen(name);
+    const char *end = h + len;
+    for (const char *l = h; l < end;) {
+        const char *nl = memchr(l, '\n', (size_t)(end - l));
+        const char *le = nl ? nl : end;
+        if ((size_t)(le - l) >= nlen && strncasecmp(l, name, nlen) == 0) {
+            const char *v = l + nlen;
+            while (v < le && (*v == ' ' || *v == '\t'))
+                v++;
+            const char *ve = le;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
+            *vlen = (size_t)(ve - v);
+            return v;
+        }
+        l = nl ? nl + 1 : end;
+    }
+    return NULL;
+}
+
+static bool token_in(const char *v, size_t vlen, const char *tok)
+{
+    size_t tl = strlen(tok);
+    for (size_t i = 0; i + tl <= vlen; i++) {
+        if (strncasecmp(v + i, tok, tl) != 0)
+            continue;
+        bool start = i == 0 || v[i - 1] == ',' || v[i - 1] == ' ' || v[i - 1] == '\t';
+        bool stop = i + tl == vlen || v[i + tl] == ',' || v[i + tl] == ' ' || v[i + tl] == '\t';
+        if (start && stop)
+            return true;
+    }
+    return false;
+}
+
+/* Checks a 101 answer; returns NULL if it completes the handshake. */
+static const char *ws_check_head(const struct sub *sb, const char *h, size_t len)
+{
+    size_t vl;
+    const char *v = head_value(h, len, "upgrade:", &vl);
+    if (!v || !token_in(v, vl, "websocket"))
+        return "101 without Upgrade: websocket";
+    v = head_value(h, len, "connection:", &vl);
+    if (!v || !token_in(v, vl, "upgrade"))
+        return "101 without Connection: upgrade";
+    v = head_value(h, len, "sec-websocket-accept:", &vl);
+    char want[29];
+    ws_expected_accept(sb, want);
+    if (!v || vl != 28 || memcmp(v, want, 28) != 0)
+        return "wrong Sec-WebSocket-Accept";
+    if (head_value(h, len, "sec-websocket-extensions:", &vl))
+        return "extension negotiated that was not offered";
+    return NULL;
+}
+
+/* Just enough JSON for the server's flat objects: top-level string keys,
+ * string values located in place (escapes flagged, not decoded), other
+ * values skipped. */
+struct jstr {
+    const char *p;
+    size_t n;
+    bool found, str, esc;
+};
+enum { JK_TOPIC, JK_EVENT, JK_DATA, JK_ID, JK_N };
+
+static const char *skip_ws(const char *p, const char *e)
+{
+    while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
+/* p is just past an opening quote; returns the closing quote or NULL. */
+static const char *json_str_end(const char *p, const char *e, bool *esc)
+{
+    const char *q = memchr(p, '"', (size_t)(e - p));
+    if (!q)
+        return NULL;
+    if (!memchr(p, '\\', (size_t)(q - p))) {
+        *esc = false;
+        return q;
+    }
+    *esc = true;
+    for (; p < e; p++) {
+        if (*p == '\\')
+            p++;
+        else if (*p == '"')
+            return p;
+    }
+    return NULL;
+}
+
+/* Skips a non-string value (number, literal, object, array). */
+static const char *json_skip_value(const char *p, const char *e)
+{
+    int depth = 0;
+    while (p < e) {
+        char c = *p;
+        if (c == '"') {
+            bool esc;
+            const char *q = json_str_end(p + 1, e, &esc);
+            if (!q)
+                return NULL;
+            p = q + 1;
+            continue;
+        }
+        if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            if (depth == 0)
+                return p;
+            if (--depth == 0)
+                return p + 1;
+        } else if (depth == 0 && (c == ',' || c == ' ' || c == '\t' || c == '\r' || c == '\n')) {
+            return p;
+        }
+        p++;
+    }
+    return depth == 0 ? p : NULL;
+}
+
+static int json_key(const char *k, size_t n)
+{
+    static const char *const names[JK_N] = {"topic", "event", "data", "id"};
+    for (int i = 0; i < JK_N; i++)
+        if (strlen(names[i]) == n && memcmp(names[i], k, n) == 0)
+            return i;
+    return -1;
+}
+
+static bool json_fields(const char *p, size_t len, struct jstr f[JK_N])
+{
+    const char *e = p + len;
+    memset(f, 0, JK_N * sizeof *f);
+    p = skip_ws(p, e);
+    if (p >= e || *p != '{')
+        return false;
+    p++;
+    for (int guard = 0; guard < 256; guard++) {
+        p = skip_ws(p, e);
+        if (p < e && *p == '}' && guard == 0)
+            return true;
+        if (p >= e || *p != '"')
+            return false;
+        bool kesc;
+        const char *ks = p + 1, *ke = json_str_end(ks, e, &kesc);
+        if (!ke)
+            return false;
+        p = skip_ws(ke + 1, e);
+        if (p >= e || *p != ':')
+            return false;
+        p = skip_ws(p + 1, e);
+        if (p >= e)
+            return false;
+        int k = kesc ? -1 : json_key(ks, (size_t)(ke - ks));
+        if (*p == '"') {
+            bool esc;
+            const char *ve = json_str_end(p + 1, e, &esc);
+            if (!ve)
+                return false;
+            if (k >= 0)
+                f[k] = (struct jstr){p + 1, (size_t)(ve - p - 1), true, true, esc};
+            p = ve + 1;
+        } else {
+            const char *vs = p;
+            p = json_skip_value(p, e);
+            if (!p || p == vs)
+                return false;
+            if (k >= 0)
+                f[k] = (struct jstr){vs, (size_t)(p - vs), true, false, false};
+        }
+        p = skip_ws(p, e);
+        if (p < e && *p == ',') {
+            p++;
+            continue;
+        }
+        return p < e && *p == '}';
+    }
+    return false;
+}
+
+static bool jstr_is(const struct jstr *j, const char *want)
+{
+    return j->found && j->str && !j->esc && j->n == strlen(want) && memcmp(j->p, want, j->n) == 0;
+}
+
+static void sub_ready(struct sub *sb);
+
+/* The data of one message, as the SSE parser would have seen it. */
+static void ws_deliver(struct sub *sb, const char *data, size_t dlen, const struct jstr *id,
+                       uint64_t now)
+{
+    sb->ev = EV_MESSAGE;
+    sb->dkind = DK_NONE;
+    sb->id_ok = false;
+    if (id && id->found && id->str && !id->esc)
+        sse_id(sb, id->p, id->p + id->n);
+    if (data)
+        sse_data(sb, data, data + dlen);
+    else
+        sb->dkind = DK_UNKNOWN;
+    sse_dispatch(sb, now);
+}
+
+static bool match_at(const char *p, const char *e, const char *lit, size_t n)
+{
+    return (size_t)(e - p) >= n && memcmp(p, lit, n) == 0;
+}
+
+/* pushletd's envelope as it writes it, {"topic":T,"event":"message",
+ * "data":D,"id":I,...}: located with a few memchr calls.  At millions of
+ * deliveries per second the general scanner would cap what the client can
+ * read.  Anything else (other key order, escapes) takes the general path. */
+static bool ws_fast_message(struct sub *sb, const char *p, size_t len, uint64_t now)
+{
+    static const char k_topic[] = "{\"topic\":\"";
+    static const char k_data[] = "\",\"event\":\"message\",\"data\":\"";
+    static const char k_id[] = "\",\"id\":\"";
+    const char *e = p + len;
+    if (sb->state != SS_STREAM || !match_at(p, e, k_topic, sizeof k_topic - 1))
+        return false;
+    const char *t = p + sizeof k_topic - 1;
+    const char *te = memchr(t, '"', (size_t)(e - t));
+    if (!te || memchr(t, '\\', (size_t)(te - t)) || !match_at(te, e, k_data, sizeof k_data - 1))
+        return false;
+    const char *d = te + sizeof k_data - 1;
+    const char *de = memchr(d, '"', (size_t)(e - d));
+    if (!de || memchr(d, '\\', (size_t)(de - d)) || !match_at(de, e, k_id, sizeof k_id - 1))
+        return false;
+    const char *i = de + sizeof k_id - 1;
+    const char *ie = memchr(i, '"', (size_t)(e - i));
+    if (!ie || e[-1] != '}')
+        return false;
+    struct jstr id = {i, (size_t)(ie - i), true, true, false};
+    ws_deliver(sb, d, (size_t)(de - d), &id, now);
+    return true;
+}
+
+/* One complete data message. */
+static void ws_message(struct sub *sb, const char *p, size_t len, uint64_t now)
+{
+    if (B.o.ws_raw) { /* nchan: the payload is the published data */
+        ws_deliver(sb, p, len, NULL, now);
+        return;
+    }
+    if (ws_fast_message(sb, p, len, now))
+        return;
+    struct jstr f[JK_N];
+    if (!json_fields(p, len, f) || !f[JK_EVENT].found) {
+        B.unexpected++;
+        return;
+    }
+    if (jstr_is(&f[JK_EVENT], "message")) {
+        if (sb->state != SS_STREAM) {
+            B.unexpected++; /* a message before "subscribed" */
+            return;
+        }
+        const struct jstr *d = &f[JK_DATA];
+        bool ok = d->found && d->str && !d->esc; /* our payloads need no escapes */
+        ws_deliver(sb, ok ? d->p : NULL, ok ? d->n : 0, &f[JK_ID], now);
+    } else if (jstr_is(&f[JK_EVENT], "subscribed")) {
+        char t[160];
+        topic_name(t, sizeof t, sb->topic);
+        if (sb->state == SS_WSWAIT && jstr_is(&f[JK_TOPIC], t))
+            sub_ready(sb);
+        else
+            B.other_events++;
+    } else if (!jstr_is(&f[JK_EVENT], "connected")) {
+        B.other_events++;
+        if (B.other_events <= 5)
+            fprintf(stderr, "bench: subscriber %u got: %.*s\n", sb->idx, (int)(len < 200 ? len : 200),
+                    p);
+    }
+}
+
+static void ws_control(struct sub *sb)
+{
+    const uint8_t *pl = sb->ws_ctl;
+    size_t n = sb->ws_ctl_len;
+    sb->ws_ctl_len = 0;
+    if (sb->ws_op == 0x9) { /* ping -> pong with the same payload */
+        char fr[6 + 125];
+        int fl = ws_client_frame(fr, 0xA, pl, n);
+        int rc = send_bytes((uv_stream_t *)&sb->tcp, fr, (size_t)fl, NULL, 0);
+        if (rc)
+            sub_fail(sb, uv_strerror(rc));
+        else
+            B.ws_pings++;
+    } else if (sb->ws_op == 0x8) {
+        char why[64];
+        unsigned code = n >= 2 ? (unsigned)pl[0] << 8 | pl[1] : 1005;
+        snprintf(why, sizeof why, "close frame from server (code %u)", code);
+        sub_fail(sb, why);
+    }
+    /* 0xA: unsolicited pong, ignored */
+}
+
+/* A frame's payload is complete. */
+static void ws_frame_done(struct sub *sb, uint64_t now)
+{
+    sb->ws_in_payload = false;
+    if (sb->ws_op >= 0x8) {
+        ws_control(sb);
+        return;
+    }
+    if (!sb->ws_fin)
+        return; /* more fragments follow */
+    sb->ws_msg_op = 0;
+    uint32_t n = sb->carry_len;
+    sb->carry_len = 0;
+    ws_message(sb, sb->carry ? sb->carry : "", n, now);
+}
+
+/* Returns false (after failing the subscriber) on a protocol error. */
+static bool ws_header_done(struct sub *sb, uint64_t now)
+{
+    const uint8_t *h = sb->ws_hdr;
+    uint8_t op = h[0] & 0x0f;
+    uint64_t plen = h[1] & 0x7f;
+    if (plen == 126)
+        plen = (uint64_t)h[2] << 8 | h[3];
+    else if (plen == 127) {
+        plen = 0;
+        for (int i = 0; i < 8; i++)
+            plen = plen << 8 | h[2 + i];
+    }
+    const char *err = NULL;
+    if (h[0] & 0x70)
+        err = "RSV bits set without an extension";
+    else if (h[1] & 0x80)
+        err = "masked frame from server";
+    else if (op >= 0x8 && (op > 0xA || !(h[0] & 0x80) || plen > 125))
+        err = "bad control frame";
+    else if (op == 0 && sb->ws_msg_op == 0)
+        err = "continuation without a message";
+    else if ((op == 1 || op == 2) && sb->ws_msg_op != 0)
+        err = "new message inside a fragmented one";
+    else if (op > 2 && op < 8)
+        err = "reserved opcode";
+    else if (op < 8 && plen > MAX_WS_MSG - sb->carry_len)
+        err = "message too large";
+    if (err) {
+        sub_fail(sb, err);
+        return false;
+    }
+    sb->ws_op = op;
+    sb->ws_fin = (h[0] & 0x80) != 0;
+    if (op == 1 || op == 2)
+        sb->ws_msg_op = op;
+    sb->ws_left = plen;
+    sb->ws_hlen = 0;
+    sb->ws_in_payload = true;
+    if (op >= 0x8 && plen && !sb->ws_ctl && !(sb->ws_ctl = malloc(125))) {
+        sub_fail(sb, "out of memory");
+        return false;
+    }
+    if (plen == 0)
+        ws_frame_done(sb, now);
+    return true;
+}
+
+static bool ws_live(const struct sub *sb)
+{
+    return sb->state == SS_STREAM || sb->state == SS_WSWAIT;
+}
+
+/* Header bytes needed: 2, then the extended length and mask they announce. */
+static size_t ws_hdr_need(const struct sub *sb)
+{
+    if (sb->ws_hlen < 2)
+        return 2;
+    uint8_t l7 = sb->ws_hdr[1] & 0x7f;
+    return 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + (sb->ws_hdr[1] & 0x80 ? 4 : 0);
+}
+
+/* Incremental frame parser: headers and payloads may be split anywhere. */
+static void ws_feed(struct sub *sb, const char *p, size_t len, uint64_t now)
+{
+    while (len > 0 && ws_live(sb)) {
+        if (!sb->ws_in_payload) {
+            while (len > 0 && sb->ws_hlen < ws_hdr_need(sb)) {
+                sb->ws_hdr[sb->ws_hlen++] = (uint8_t)*p++;
+                len--;
+            }
+            if (sb->ws_hlen < ws_hdr_need(sb))
+                return; /* the rest of the header comes with the next read */
+            if (!ws_header_done(sb, now))
+                return;
+            continue;
+        }
+        size_t take = len < sb->ws_left ? len : (size_t)sb->ws_left;
+        if (sb->ws_op >= 0x8) {
+            memcpy(sb->ws_ctl + sb->ws_ctl_len, p, take);
+            sb->ws_ctl_len = (uint8_t)(sb->ws_ctl_len + take);
+        } else if (sb->ws_fin && sb->carry_len == 0 && sb->ws_op != 0 && take == sb->ws_left) {
+            /* a whole unfragmented message in this read: parse in place */
+            sb->ws_in_payload = false;
+            sb->ws_msg_op = 0;
+            ws_message(sb, p, take, now);
+            p += take;
+            len -= take;
+            continue;
+        } else if (!carry_append(sb, p, take, MAX_WS_MSG)) {
+            sub_fail(sb, "message too large");
+            return;
+        }
+        sb->ws_left -= take;
+        p += take;
+        len -= take;
+        if (sb->ws_left == 0)
+            ws_frame_done(sb, now);
+    }
+}
+
+/* A clean close (1000) as the run ends; best effort, never blocks. */
+static void ws_send_close(struct sub *sb)
+{
+    static const uint8_t code[2] = {0x03, 0xe8};
+    char fr[8];
+    int n = ws_client_frame(fr, 0x8, code, 2);
+    uv_buf_t b = uv_buf_init(fr, (unsigned)n);
+    (void)uv_try_write((uv_stream_t *)&sb->tcp, &b, 1);
+}
+
+/* ------------------------------------------------------------------ */
 /* subscribers                                                         */
 
 static void launch_subs(void);
@@ -793,7 +1370,7 @@ static void sub_close_cb(uv_handle_t *h) { (void)h; }
 
 static void sub_left_connecting(struct sub *sb)
 {
-    if (sb->state == SS_CONNECTING || sb->state == SS_HEAD) {
+    if (sb->state == SS_CONNECTING || sb->state == SS_HEAD || sb->state == SS_WSWAIT) {
         B.connecting--;
         launch_subs();
     }
@@ -879,6 +1456,26 @@ static size_t sub_head(struct sub *sb, const char *p, size_t len)
         return len;
     size_t head_len = (size_t)(e - sb->carry) + 4;
     int status = parse_status(sb->carry, head_len);
+    if (B.o.ws) {
+        const char *err = status == 101 ? ws_check_head(sb, sb->carry, head_len) : NULL;
+        sb->carry_len = 0;
+        if (status != 101) {
+            B.last_bad_status = status;
+            sub_fail(sb, "upgrade not answered with 101");
+            return len;
+        }
+        if (err) {
+            sub_fail(sb, err);
+            return len;
+        }
+        /* pushletd: ready once it confirms the subscription; raw (nchan):
+         * the open socket is all there is. */
+        if (B.o.ws_raw)
+            sub_ready(sb);
+        else
+            sb->state = SS_WSWAIT;
+        return head_len - old;
+    }
     sb->chunked = head_has_chunked(sb->carry, head_len);
     sb->carry_len = 0;
     if (status != 200) {
@@ -907,8 +1504,12 @@ static void sub_read_cb(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
         p += used;
         len -= used;
     }
-    if (sb->state == SS_STREAM && len)
+    if (B.o.ws) {
+        if (len && ws_live(sb))
+            ws_feed(sb, p, len, now);
+    } else if (sb->state == SS_STREAM && len) {
         sub_body(sb, p, len, now);
+    }
 }
 
 static void sub_send_request(struct sub *sb)
@@ -916,10 +1517,24 @@ static void sub_send_request(struct sub *sb)
     char t[160], req[1024];
     topic_name(t, sizeof t, sb->topic);
     const char *sep = strchr(B.o.sub_path, '?') ? "&" : "?";
-    int n = snprintf(req, sizeof req,
+    int n;
+    if (B.o.ws) {
+        char key[25];
+        uint64_t r1 = rng_next(), r2 = rng_next();
+        memcpy(sb->ws_key, &r1, 8);
+        memcpy(sb->ws_key + 8, &r2, 8);
+        ws_key_b64(sb, key);
+        n = snprintf(req, sizeof req,
+                     "GET %s%stopic=%s HTTP/1.1\r\nHost: %s:%d\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     B.o.sub_path, sep, t, B.o.host, B.o.port, key);
+    } else {
+        n = snprintf(req, sizeof req,
                      "GET %s%stopic=%s HTTP/1.1\r\nHost: %s:%d\r\n"
                      "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
                      B.o.sub_path, sep, t, B.o.host, B.o.port);
+    }
     if (n <= 0 || (size_t)n >= sizeof req) {
         sub_fail(sb, "request too long");
         return;
@@ -1496,7 +2111,8 @@ static struct results compute_results(void)
 
 static void print_json(const struct results *r)
 {
-    printf("{\"scenario\":\"%s\",\"target\":\"%s\",\"status\":\"%s\","
+    printf("{\"scenario\":\"%s\",\"target\":\"%s\",\"transport\":\"%s\","
+           "\"status\":\"%s\","
            "\"subscribers\":%d,\"connected\":%" PRIu32 ",\"topics\":%d,"
            "\"publishers\":%d,\"pipeline\":%d,\"size\":%d,\"rate\":%.1f,"
            "\"published\":%" PRIu64 ",\"publish_errors\":%" PRIu64 ","
@@ -1516,8 +2132,9 @@ static void print_json(const struct results *r)
            "\"client_cpu_s\":%.3f,\"server_core\":%d,\"client_core\":%d,"
            "\"server_softirq_s\":%.3f,\"server_core_util\":%.3f,"
            "\"server_total_ns_per_delivery\":%.1f,\"client_core_util\":%.3f,"
-           "\"server_core_other_util\":%.3f,\"client_core_other_util\":%.3f}\n",
-           B.o.scenario, B.o.target, B.end_reason, B.o.subscribers, B.streaming, B.o.topics,
+           "\"server_core_other_util\":%.3f,\"client_core_other_util\":%.3f,"
+           "\"ws_pings\":%" PRIu64 "}\n",
+           B.o.scenario, B.o.target, B.o.ws ? "ws" : "sse", B.end_reason, B.o.subscribers, B.streaming, B.o.topics,
            B.o.publishers, B.o.pipeline, B.o.size, B.o.rate, B.published, B.publish_errors,
            B.expected, B.deliveries, r->lost, B.dups, B.reordered, B.diverged, B.unexpected,
            B.other_events, B.id_regressions, B.disconnects, B.connect_errors, B.warm_errors,
@@ -1525,7 +2142,7 @@ static void print_json(const struct results *r)
            r->p50, r->p90, r->p99, r->max, B.ps_before.rss_kb, B.ps_ready.rss_kb, B.ps_end.rss_kb,
            r->rss_per_conn, r->srv_cpu_s, r->ns_per_del, r->cli_cpu_s, B.server_core, B.client_core,
            r->srv_softirq_s, r->srv_core_util, r->srv_total_ns_per_del, r->cli_core_util,
-           r->srv_other_util, r->cli_other_util);
+           r->srv_other_util, r->cli_other_util, B.ws_pings);
     fflush(stdout);
 }
 
@@ -1581,6 +2198,9 @@ static void finish(const char *reason)
     print_summary(&r);
     for (int i = 0; i < B.o.publishers; i++)
         B.pubs[i].reconnect = false;
+    for (int i = 0; B.o.ws && i < B.o.subscribers; i++)
+        if (ws_live(&B.subs[i]))
+            ws_send_close(&B.subs[i]);
     uv_walk(B.loop, close_walk_cb, NULL);
 }
 
@@ -1593,10 +2213,14 @@ static void usage(FILE *f)
             "usage: pushlet-bench [options]\n"
             "  --host ADDR            server address, 127.0.0.0/8 only (127.0.0.1)\n"
             "  --port N               server port (8080)\n"
-            "  --sub-path PATH        SSE path; ?topic=T is appended (/events)\n"
+            "  --sub-path PATH        subscribe path; ?topic=T is appended (/events)\n"
+            "  --transport sse|ws     SSE stream or WebSocket subscribers (sse)\n"
+            "  --ws-protocol pushlet|raw  WebSocket messages: pushletd's JSON envelope,\n"
+            "                         ready on its \"subscribed\" reply; or raw data\n"
+            "                         frames (nchan), ready on 101 (pushlet)\n"
             "  --pub-path PATH        publish path, POST, ?topic=T appended (/publish)\n"
             "  --topic-prefix S       topic names are S0..S<T-1> (bench)\n"
-            "  --subscribers N        SSE subscribers, at most %d (100)\n"
+            "  --subscribers N        subscribers, at most %d (100)\n"
             "  --topics T             subscriber i listens on topic i %% T (1)\n"
             "  --messages M           messages to publish, round-robin over topics (1000)\n"
             "  --rate R               messages/s over all publishers; 0 = flat out (0)\n"
@@ -1664,6 +2288,8 @@ enum {
     O_TIMEOUT,
     O_SCEN,
     O_TARGET,
+    O_TRANSPORT,
+    O_WSPROTO,
     O_HELP
 };
 
@@ -1689,6 +2315,8 @@ static const struct option long_opts[] = {{"host", 1, 0, O_HOST},
                                           {"timeout", 1, 0, O_TIMEOUT},
                                           {"scenario", 1, 0, O_SCEN},
                                           {"target", 1, 0, O_TARGET},
+                                          {"transport", 1, 0, O_TRANSPORT},
+                                          {"ws-protocol", 1, 0, O_WSPROTO},
                                           {"help", 0, 0, O_HELP},
                                           {0, 0, 0, 0}};
 
@@ -1734,6 +2362,16 @@ static bool apply_opt(struct options *o, int c, const char *v)
     case O_TIMEOUT: o->timeout = atof(v); break;
     case O_SCEN: o->scenario = v; break;
     case O_TARGET: o->target = v; break;
+    case O_TRANSPORT:
+        if (strcmp(v, "sse") != 0 && strcmp(v, "ws") != 0)
+            return false;
+        o->ws = strcmp(v, "ws") == 0;
+        break;
+    case O_WSPROTO:
+        if (strcmp(v, "pushlet") != 0 && strcmp(v, "raw") != 0)
+            return false;
+        o->ws_raw = strcmp(v, "raw") == 0;
+        break;
     default: return false;
     }
     return true;
@@ -1826,6 +2464,7 @@ static void free_state(void)
     for (int i = 0; i < B.o.subscribers; i++) {
         free(B.subs[i].carry);
         free(B.subs[i].bits);
+        free(B.subs[i].ws_ctl);
     }
     if (B.subs)
         free(B.subs[0].last_g);
@@ -1855,6 +2494,7 @@ int main(int argc, char **argv)
     if (resolve_target() != 0 || alloc_state() != 0)
         return 2;
     signal(SIGPIPE, SIG_IGN);
+    rng_seed();
     B.loop = uv_default_loop();
     B.t_start = uv_hrtime();
     B.ps_before = sample_server();

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # bench/run.sh — what `make bench` runs: pushletd against nginx+nchan, same
 # client (pushlet-bench), same scenarios, same machine, one after the other.
+# Every scenario runs over SSE and again over WebSocket (names ending -ws).
 #
-#   bench/run.sh [--quick] [--only pushlet|nchan] [--repeat N] [--out FILE]
+#   bench/run.sh [--quick] [--only pushlet|nchan] [--repeat N] [--ws-repeat N]
+#                [--scenarios a,c-ws,...] [--out FILE]
 #
-# Each scenario runs N times per server (3, or 1 with --quick); the report
-# shows the median run (by p99 latency, max deliveries/s or RSS per
-# connection) and the gate below checks every run.
+# Each SSE scenario runs N times per server (3, or 1 with --quick), each
+# WebSocket scenario --ws-repeat times (default: as many); the report shows
+# the median run (by p99 latency, max deliveries/s or RSS per connection)
+# and the gate below checks every run.  --scenarios runs only those listed
+# (the report then has only those).
 #
 # Env: PUSHLETD, PUSHLET_BENCH (binaries; default build/bin/...),
 #      NCHAN_MODULE (path of ngx_nchan_module.so), BENCH_OUT (report path),
 #      BENCH_PUSHLET_PORT / BENCH_NCHAN_PORT (default 18080 / 18081),
-#      BENCH_REPEAT (runs per scenario), BENCH_IDLE_WAIT (max seconds spent
-#      waiting for an idle machine before runs; 120, or 0 with --quick).
+#      BENCH_REPEAT / BENCH_WS_REPEAT (runs per scenario), BENCH_SCENARIOS,
+#      BENCH_IDLE_WAIT (max seconds spent waiting for an idle machine before
+#      runs; 120, or 0 with --quick).
 #
 # Builds nothing.  Every server it starts is stopped by PID on exit.
 # Exit status: 0 when pushletd lost, duplicated and reordered nothing in
-# every scenario (and every run completed); 1 otherwise; 2 on setup errors.
+# every scenario, SSE and WebSocket (and every run completed); 1 otherwise;
+# 2 on setup errors.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +33,8 @@ NCHAN_PORT=${BENCH_NCHAN_PORT:-18081}
 QUICK=0
 ONLY=""
 REPEAT=${BENCH_REPEAT:-}
+WS_REPEAT=${BENCH_WS_REPEAT:-}
+ONLY_SCENARIOS=${BENCH_SCENARIOS:-}
 OUT=${BENCH_OUT:-}
 CMDLINE="bench/run.sh${*:+ $*}"
 
@@ -38,6 +46,8 @@ while [ $# -gt 0 ]; do
         --only) ONLY=${2:?--only needs pushlet or nchan}; shift ;;
         --out) OUT=${2:?--out needs a path}; shift ;;
         --repeat) REPEAT=${2:?--repeat needs a count}; shift ;;
+        --ws-repeat) WS_REPEAT=${2:?--ws-repeat needs a count}; shift ;;
+        --scenarios) ONLY_SCENARIOS=${2:?--scenarios needs a list}; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -46,6 +56,8 @@ done
 case "$ONLY" in ""|pushlet|nchan) ;; *) echo "run.sh: --only pushlet|nchan" >&2; exit 2 ;; esac
 if [ -z "$REPEAT" ]; then if [ "$QUICK" = 1 ]; then REPEAT=1; else REPEAT=3; fi; fi
 case "$REPEAT" in [1-9]) ;; *) echo "run.sh: --repeat must be 1..9" >&2; exit 2 ;; esac
+[ -n "$WS_REPEAT" ] || WS_REPEAT=$REPEAT
+case "$WS_REPEAT" in [1-9]) ;; *) echo "run.sh: --ws-repeat must be 1..9" >&2; exit 2 ;; esac
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pushlet-bench.XXXXXX")
 RESULTS=$WORK/results.jsonl
@@ -146,6 +158,8 @@ start_pushlet() {
     wait_port "$PUSHLET_PORT" || { tail -20 "$WORK/pushletd.log" >&2; return 1; }
     SERVER_PIDS=("$SERVER_PID")
     SUB_PATH=/events; PUB_PATH=/publish; PORT=$PUSHLET_PORT
+    # WebSocket: /ws?topic=T, JSON envelopes, ready on the "subscribed" reply
+    WS_PATH=/ws; WS_PROTOCOL=pushlet
 }
 
 start_nchan() {
@@ -171,6 +185,8 @@ start_nchan() {
     # shellcheck disable=SC2206
     SERVER_PIDS=("$SERVER_PID" $kids)
     SUB_PATH=/sub; PUB_PATH=/pub; PORT=$NCHAN_PORT
+    # WebSocket on the same location: frames carry the raw data, ready on 101
+    WS_PATH=/sub; WS_PROTOCOL=raw
 }
 
 # ---------------------------------------------------------------- scenarios
@@ -186,6 +202,13 @@ if [ "$QUICK" = 1 ]; then
         "d|1,000 subscribers on 1,000 topics, 1,000 msg/s|1000|1000|2000|1000|0|30"
         "e|1,000 idle connections|1000|1|0|0|0|30"
     )
+    WS_SCENARIOS=(
+        "a-ws|100 WebSocket subscribers, 1 topic, 100 msg/s|100|1|200|100|0|30|--transport ws"
+        "b-ws|1,000 WebSocket subscribers, 1 topic, 10 msg/s|1000|1|20|10|0|30|--transport ws"
+        "c-ws|Saturation: 200 WebSocket subscribers, 1 topic, flat out|200|1|100000000|0|2|30|--pipeline 32 --window 4096 --transport ws"
+        "d-ws|1,000 WebSocket subscribers on 1,000 topics, 1,000 msg/s|1000|1000|2000|1000|0|30|--transport ws"
+        "e-ws|1,000 idle WebSocket connections|1000|1|0|0|0|30|--transport ws"
+    )
 else
     SCENARIOS=(
         "a|1,000 subscribers, 1 topic, 20 msg/s (20k deliveries/s)|1000|1|200|20|0|60"
@@ -194,29 +217,56 @@ else
         "d|10,000 subscribers on 10,000 topics, 2,000 msg/s|10000|10000|20000|2000|0|90"
         "e|19,000 idle connections (memory per connection)|19000|1|0|0|0|120"
     )
+    # The same scenarios over WebSocket: pushletd's /ws?topic=T (binary
+    # frames, JSON envelope), nchan's websocket subscriber on /sub.
+    WS_SCENARIOS=(
+        "a-ws|1,000 WebSocket subscribers, 1 topic, 20 msg/s (20k deliveries/s)|1000|1|200|20|0|60|--transport ws"
+        "b-ws|10,000 WebSocket subscribers, 1 topic, 2 msg/s (20k deliveries/s)|10000|1|20|2|0|90|--transport ws"
+        "c-ws|Saturation: 1,000 WebSocket subscribers, 1 topic, flat out for 10 s|1000|1|100000000|0|10|90|--pipeline 32 --window 4096 --transport ws"
+        "d-ws|10,000 WebSocket subscribers on 10,000 topics, 2,000 msg/s|10000|10000|20000|2000|0|90|--transport ws"
+        "e-ws|19,000 idle WebSocket connections (memory per connection)|19000|1|0|0|0|120|--transport ws"
+    )
 fi
+
+# --scenarios a,c-ws: keep only those (both lists)
+selected() { # scenario-line -> true if it is to run
+    [ -n "$ONLY_SCENARIOS" ] || return 0
+    [[ ",$ONLY_SCENARIOS," == *",${1%%|*},"* ]]
+}
+filter_scenarios() { # array name
+    local -n arr=$1
+    local kept=() l
+    for l in "${arr[@]}"; do if selected "$l"; then kept+=("$l"); fi; done
+    arr=("${kept[@]}")
+}
+filter_scenarios SCENARIOS
+filter_scenarios WS_SCENARIOS
+[ $(( ${#SCENARIOS[@]} + ${#WS_SCENARIOS[@]} )) -gt 0 ] || die "--scenarios matched nothing"
 
 FAILED=0
 
-run_one() { # target scenario-line run-number
-    local target=$1 line=$2 run=$3 name title subs topics msgs rate dur tmo extra
+run_one() { # target scenario-line run-number runs
+    local target=$1 line=$2 run=$3 runs=$4 name title subs topics msgs rate dur tmo extra
     IFS='|' read -r name title subs topics msgs rate dur tmo extra <<<"$line"
-    echo ">> $target: ($name) $title [run $run/$REPEAT]" >&2
+    echo ">> $target: ($name) $title [run $run/$runs]" >&2
     if ! "start_$target"; then
         echo "run.sh: $target failed to start" >&2
         FAILED=1
         stop_server
         return
     fi
-    local pids=() p
+    local pids=() p sub_path=$SUB_PATH ws=()
     for p in "${SERVER_PIDS[@]}"; do pids+=(--pid "$p"); done
+    case " $extra " in
+        *" --transport ws "*) sub_path=$WS_PATH; ws=(--ws-protocol "$WS_PROTOCOL") ;;
+    esac
     local json rc=0
     # In the background so that a signal reaches our trap at once (bash
     # defers traps until a foreground child exits); killed by PID on exit.
     # shellcheck disable=SC2086
     timeout -k 5 $((tmo + 30)) "${CLIENT_CPU[@]}" "$PUSHLET_BENCH" \
         --scenario "$name" --target "$target" --port "$PORT" \
-        --sub-path "$SUB_PATH" --pub-path "$PUB_PATH" \
+        --sub-path "$sub_path" --pub-path "$PUB_PATH" "${ws[@]}" \
         --subscribers "$subs" --topics "$topics" --messages "$msgs" \
         --rate "$rate" --duration "$dur" --timeout "$tmo" "${pids[@]}" $extra \
         > "$WORK/client.json" &
@@ -253,6 +303,7 @@ BUSY_START=$(cpu_busy_pct)
 # spending at most 120 s on waiting in the whole run (none in --quick).
 IDLE_BUDGET=${BENCH_IDLE_WAIT:-}
 if [ -z "$IDLE_BUDGET" ]; then if [ "$QUICK" = 1 ]; then IDLE_BUDGET=0; else IDLE_BUDGET=120; fi; fi
+IDLE_BUDGET_START=$IDLE_BUDGET
 wait_quiet() {
     local waited=0 b
     while [ "$IDLE_BUDGET" -gt 0 ] && [ "$waited" -lt 20 ]; do
@@ -266,10 +317,17 @@ wait_quiet() {
 T0=$(date +%s)
 for s in "${SCENARIOS[@]}"; do
     for r in $(seq 1 "$REPEAT"); do
-        for t in $TARGETS; do wait_quiet; run_one "$t" "$s" "$r"; done
+        for t in $TARGETS; do wait_quiet; run_one "$t" "$s" "$r" "$REPEAT"; done
+    done
+done
+T_SSE=$(( $(date +%s) - T0 ))
+for s in "${WS_SCENARIOS[@]}"; do
+    for r in $(seq 1 "$WS_REPEAT"); do
+        for t in $TARGETS; do wait_quiet; run_one "$t" "$s" "$r" "$WS_REPEAT"; done
     done
 done
 ELAPSED=$(( $(date +%s) - T0 ))
+T_WS=$(( ELAPSED - T_SSE ))
 
 # ------------------------------------------------------------------- report
 jget() { # json key -> value (our JSON is flat)
@@ -277,7 +335,7 @@ jget() { # json key -> value (our JSON is flat)
 }
 
 median_key() { # scenario -> the metric that picks the median run
-    case "$1" in
+    case "${1%-ws}" in
         c) echo deliveries_per_s ;;
         e) echo rss_per_conn_bytes ;;
         *) echo lat_p99_us ;;
@@ -412,7 +470,8 @@ machine_section() {
     echo "- libuv: $(pkg-config --modversion libuv 2>/dev/null || echo '?');" \
          "pushlet commit: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'unknown')"
     echo "- Pinning: ${SERVER_CPU[*]:-none} for the server, ${CLIENT_CPU[*]:-none} for the client"
-    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); whole run: ${ELAPSED} s"
+    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); whole run: ${ELAPSED} s, of which"
+    echo "  $((IDLE_BUDGET_START - IDLE_BUDGET)) s waiting for an idle machine (at most $IDLE_BUDGET_START s)"
     echo "- Other work: CPUs ${BUSY_START} % busy in the second before the run; load average"
     echo "  (1/5/15 min) $LOAD_START before, $(cut -d' ' -f1-3 /proc/loadavg) after"
     if [ "$BUSY_START" -gt 10 ]; then
@@ -421,9 +480,10 @@ machine_section() {
     fi
 }
 
-scenario_sections() {
+scenario_sections() { # array name (SCENARIOS or WS_SCENARIOS)
+    local -n list=$1
     local s name title subs topics msgs rate dur tmo extra
-    for s in "${SCENARIOS[@]}"; do
+    for s in "${list[@]}"; do
         IFS='|' read -r name title subs topics msgs rate dur tmo extra <<<"$s"
         echo "### ($name) $title"
         echo
@@ -435,29 +495,76 @@ scenario_sections() {
     done
 }
 
+scale() { # value scale(1|ms|kb) -> scaled value (empty stays empty)
+    [ -n "$1" ] || return 0
+    case "$2" in
+        ms) awk -v v="$1" 'BEGIN{printf "%.2f", v/1000}' ;;
+        kb) awk -v v="$1" 'BEGIN{printf "%.2f", v/1024}' ;;
+        *) echo "$1" ;;
+    esac
+}
+
+noisy_runs() { # runs in which other work took >= 10 % of the server's or the client's core
+    local j so co list=""
+    while read -r j; do
+        so=$(jget "$j" server_core_other_util); co=$(jget "$j" client_core_other_util)
+        if awk -v a="${so:--1}" -v b="${co:--1}" 'BEGIN { exit !(a >= 0.10 || b >= 0.10) }'; then
+            list+="${list:+; }($(jget "$j" scenario)) $(jget "$j" target) run $(jget "$j" run):"
+            list+=" $(awk -v a="$so" -v b="$co" 'BEGIN { printf "%.0f %% / %.0f %%", a * 100, b * 100 }')"
+        fi
+    done < "$RESULTS"
+    [ -n "$list" ] || return 0
+    echo "**Runs disturbed by other work on the machine** (other work on the server's / the client's"
+    echo "core, at least 10 % on one of them; a table's median run may be one of these, so"
+    echo "compare its \"other work\" rows): $list."
+    echo
+}
+
+has_result() { [ -n "$(result "$1" pushlet)$(result "$1" nchan)" ]; }
+
 headline_row() { # scenario label key scale(1|ms|kb)
     local p n
-    p=$(jget "$(result "$1" pushlet)" "$3"); n=$(jget "$(result "$1" nchan)" "$3")
-    case "$4" in
-        ms) p=${p:+$(awk -v v="$p" 'BEGIN{printf "%.2f", v/1000}')}
-            n=${n:+$(awk -v v="$n" 'BEGIN{printf "%.2f", v/1000}')} ;;
-        kb) p=${p:+$(awk -v v="$p" 'BEGIN{printf "%.2f", v/1024}')}
-            n=${n:+$(awk -v v="$n" 'BEGIN{printf "%.2f", v/1024}')} ;;
-        *) ;;
-    esac
+    has_result "$1" || return 0
+    p=$(scale "$(jget "$(result "$1" pushlet)" "$3")" "$4")
+    n=$(scale "$(jget "$(result "$1" nchan)" "$3")" "$4")
     echo "| ($1) | $2 | $(fmt "$p") | $(fmt "$n") | $(ratio "$p" "$n") |"
 }
 
-headline() {
+headline() { # suffix: "" (SSE) or "-ws"
+    local x=$1
     echo "| scenario | metric | pushlet | nchan | pushlet / nchan |"
     echo "|---|---|---:|---:|---:|"
-    headline_row a "latency p99, ms" lat_p99_us ms
-    headline_row b "latency p99, ms" lat_p99_us ms
-    headline_row c "max deliveries/s" deliveries_per_s 1
-    headline_row c "server CPU per delivery (with softirq), ns" server_total_ns_per_delivery 1
-    headline_row d "latency p99, ms" lat_p99_us ms
-    headline_row d "server CPU per delivery (with softirq), ns" server_total_ns_per_delivery 1
-    headline_row e "server RSS per connection, KiB" rss_per_conn_bytes kb
+    headline_row "a$x" "latency p99, ms" lat_p99_us ms
+    headline_row "b$x" "latency p99, ms" lat_p99_us ms
+    headline_row "c$x" "max deliveries/s" deliveries_per_s 1
+    headline_row "c$x" "server CPU per delivery (with softirq), ns" server_total_ns_per_delivery 1
+    headline_row "d$x" "latency p99, ms" lat_p99_us ms
+    headline_row "d$x" "server CPU per delivery (with softirq), ns" server_total_ns_per_delivery 1
+    headline_row "e$x" "server RSS per connection, KiB" rss_per_conn_bytes kb
+}
+
+transport_row() { # scenario label key scale: one server's SSE figure next to its WebSocket one
+    local t v line=""
+    has_result "$1" && has_result "$1-ws" || return 0
+    for t in pushlet nchan; do
+        local sse ws
+        sse=$(scale "$(jget "$(result "$1" "$t")" "$3")" "$4")
+        ws=$(scale "$(jget "$(result "$1-ws" "$t")" "$3")" "$4")
+        line+=" $(fmt "$sse") | $(fmt "$ws") | $(ratio "$ws" "$sse") |"
+    done
+    echo "| ($1) | $2 |$line"
+}
+
+transport_table() {
+    echo "| scenario | metric | pushlet SSE | pushlet WS | WS / SSE | nchan SSE | nchan WS | WS / SSE |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    transport_row a "latency p99, ms" lat_p99_us ms
+    transport_row b "latency p99, ms" lat_p99_us ms
+    transport_row c "max deliveries/s" deliveries_per_s 1
+    transport_row c "server CPU per delivery (with softirq), ns" server_total_ns_per_delivery 1
+    transport_row d "latency p99, ms" lat_p99_us ms
+    transport_row d "server CPU per delivery (with softirq), ns" server_total_ns_per_delivery 1
+    transport_row e "server RSS per connection, KiB" rss_per_conn_bytes kb
 }
 
 write_report() {
@@ -477,18 +584,45 @@ write_report() {
         echo "PUSHLETD=$PUSHLETD PUSHLET_BENCH=$PUSHLET_BENCH $CMDLINE"
         echo '```'
         echo
-        echo "## Headline"
-        echo
-        headline
-        echo
-        echo "## Results"
+        if [ ${#SCENARIOS[@]} -gt 0 ]; then
+            echo "## Headline: SSE"
+            echo
+            headline ""
+            echo
+        fi
+        if [ ${#WS_SCENARIOS[@]} -gt 0 ]; then
+            echo "## Headline: WebSocket"
+            echo
+            headline -ws
+            echo
+        fi
+        if [ ${#SCENARIOS[@]} -gt 0 ] && [ ${#WS_SCENARIOS[@]} -gt 0 ]; then
+            echo "## WebSocket against SSE, same server"
+            echo
+            echo "Each server's median run over SSE next to the same scenario over WebSocket."
+            echo
+            transport_table
+            echo
+        fi
+        echo "## How to read the results"
         echo
         echo "Ratios are pushlet ÷ nchan: above 1 is better for throughput, below 1 is"
-        echo "better for latency, CPU and memory. Each scenario ran $REPEAT time(s) per server;"
+        echo "better for latency, CPU and memory. Each SSE scenario ran $REPEAT time(s) per server"
+        echo "(${T_SSE} s in all), each WebSocket scenario $WS_REPEAT time(s) (${T_WS} s in all);"
         echo "the table shows the median run (by p99 latency; by deliveries/s for (c); by RSS"
         echo "per connection for (e)). Every run is in the raw results below."
         echo
-        scenario_sections
+        noisy_runs
+        if [ ${#SCENARIOS[@]} -gt 0 ]; then
+            echo "## Results: SSE"
+            echo
+            scenario_sections SCENARIOS
+        fi
+        if [ ${#WS_SCENARIOS[@]} -gt 0 ]; then
+            echo "## Results: WebSocket"
+            echo
+            scenario_sections WS_SCENARIOS
+        fi
         cat "$ROOT/bench/METHOD.md"
         echo
         echo "## Raw results (one JSON line per run)"
@@ -518,4 +652,4 @@ if [ "$FAILED" != 0 ]; then
     echo "run.sh: FAILED" >&2
     exit 1
 fi
-echo "run.sh: OK — pushlet lost, duplicated and reordered nothing" >&2
+echo "run.sh: OK — pushlet lost, duplicated and reordered nothing (SSE and WebSocket)" >&2

@@ -464,53 +464,41 @@ static void data(pl_conn *c, const pl_ws_event *ev)
     }
 }
 
-/* After our close frame was queued: wait for the peer's, ignoring everything else. Once both
- * are through, close without lingering; never before ours is written. */
-static void await_close(pl_conn *c, uint8_t *buf, size_t len)
-{
-    while (len > 0 && !c->closing && !c->ws->failed) {
-        size_t used;
-        pl_ws_event ev;
-        int rc = pl_ws_parse(&c->ws->parser, buf, len, &used, &ev);
-        buf += used;
-        len -= used;
-        if (rc == PL_WS_ERROR) {
-            c->ws->failed = true;
-        } else if (rc == PL_WS_CONTROL && ev.opcode == PL_WS_CLOSE) {
-            c->peer_done = true; /* on_shutdown closes at once */
-            if (c->shut)
-                pl_conn_close(c, "close handshake complete");
-            return;
-        }
-    }
-}
-
 void pl_ws_on_read(pl_conn *c, uint8_t *buf, size_t len)
 {
-    c->ws->awaiting_pong = false; /* any traffic shows the peer is alive */
-    if (c->ending) {
-        if (c->ws->close_sent)
-            await_close(c, buf, len);
+    pl_ws_conn *ws = c->ws;
+    ws->awaiting_pong = false; /* any traffic shows the peer is alive */
+    if (c->ending && !ws->close_sent)
         return;
-    }
-    while (len > 0 && !c->closing && !c->ending) {
+    while (len > 0 && !c->closing && !ws->failed) {
         size_t used;
         pl_ws_event ev;
-        int rc = pl_ws_parse(&c->ws->parser, buf, len, &used, &ev);
+        int rc = pl_ws_parse(&ws->parser, buf, len, &used, &ev);
         buf += used;
         len -= used;
         if (rc == PL_WS_ERROR) {
-            c->ws->failed = true;
-            pl_ws_close(c, ev.close_code,
-                        ev.close_code == 1009   ? "message too big"
-                        : ev.close_code == 1007 ? "invalid UTF-8"
-                                                : "protocol error");
+            ws->failed = true; /* the parser's state means nothing any more */
+            if (!c->ending)
+                pl_ws_close(c, ev.close_code,
+                            ev.close_code == 1009   ? "message too big"
+                            : ev.close_code == 1007 ? "invalid UTF-8"
+                                                    : "protocol error");
             return;
         }
-        if (rc == PL_WS_CONTROL)
+        if (c->ending) {
+            /* Our close is queued: only the peer's matters. Once both are through, close
+             * without lingering, but never before ours is written. */
+            if (rc == PL_WS_CONTROL && ev.opcode == PL_WS_CLOSE) {
+                c->peer_done = true; /* on_shutdown closes at once */
+                if (c->shut)
+                    pl_conn_close(c, "close handshake complete");
+                return;
+            }
+        } else if (rc == PL_WS_CONTROL) {
             control(c, &ev);
-        else if (rc == PL_WS_DATA)
+        } else if (rc == PL_WS_DATA) {
             data(c, &ev);
+        }
     }
 }
 
