@@ -71,7 +71,8 @@ static size_t json_escape(char *out, const char *str, size_t n)
     return o;
 }
 
-size_t pl_format_timestamp(int64_t ms, char out[32])
+/* RFC 3339 UTC with milliseconds. */
+static size_t format_timestamp(int64_t ms, char out[32])
 {
     time_t secs = (time_t)(ms / 1000);
     struct tm tm;
@@ -98,7 +99,7 @@ static pl_buf *encode_json(const pl_msg *m)
 {
     char id[24], ts[32];
     int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);
-    size_t ts_len = pl_format_timestamp(m->published_ms, ts);
+    size_t ts_len = format_timestamp(m->published_ms, ts);
     /* Topic and event names are validated to need no escaping. */
     size_t n =
         strlen("{\"topic\":\"\",\"event\":\"\",\"data\":\"\",\"id\":\"\",\"timestamp\":\"\"}") +
@@ -125,7 +126,7 @@ static pl_buf *encode_msgpack(const pl_msg *m)
 {
     char id[24], ts[32];
     int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);
-    size_t ts_len = pl_format_timestamp(m->published_ms, ts);
+    size_t ts_len = format_timestamp(m->published_ms, ts);
     msgpack_sbuffer sb;
     msgpack_packer pk;
     msgpack_sbuffer_init(&sb);
@@ -195,5 +196,3 @@ pl_buf *pl_msg_encode(pl_msg *m, int format, pl_deflate *z)
     m->enc[format] = b;
     return b;
 }
-
-size_t pl_json_escape(char *out, const char *s, size_t n) { return json_escape(out, s, n); }

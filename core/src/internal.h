@@ -24,7 +24,6 @@ typedef struct pl_link {
 } pl_link;
 
 static inline void pl_list_init(pl_link *head) { head->prev = head->next = head; }
-static inline bool pl_list_empty(const pl_link *head) { return head->next == head; }
 static inline void pl_list_push(pl_link *head, pl_link *node)
 {
     node->prev = head->prev;
@@ -116,9 +115,6 @@ pl_buf *pl_deflate_frame(pl_deflate *d, uint8_t opcode, const uint8_t *data, siz
  * exceed `max`, or 1007 when the data is not valid deflate. */
 int pl_inflate_message(pl_deflate *d, const uint8_t *data, size_t len, size_t max, uint8_t **out,
                        size_t *out_len) PL_HIDDEN;
-size_t pl_format_timestamp(int64_t ms, char out[32]) PL_HIDDEN; /* RFC 3339 UTC, ms */
-/* JSON string body for any bytes (invalid UTF-8 becomes U+FFFD); out NULL = length only. */
-size_t pl_json_escape(char *out, const char *s, size_t n) PL_HIDDEN;
 
 /* ---- Cross-thread inbox (inbox.c): mutex-guarded list, wakes the loop on empty→non-empty ---- */
 

@@ -51,25 +51,18 @@ void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, co
         pl_conn_end(c);
 }
 
-static void respond_text(pl_conn *c, int status, const char *extra, const char *text,
-                         bool head_only)
-{
-    pl_respond(c, status, extra, "text/plain; charset=utf-8", text, strlen(text), head_only);
-}
-
 void pl_respond_text(pl_conn *c, int status, const char *extra, const char *text)
 {
     char line[160];
-    snprintf(line, sizeof(line), "%s\n", text);
-    respond_text(c, status, extra, line, false);
+    int n = snprintf(line, sizeof(line), "%s\n", text);
+    size_t len = n < 0 ? 0 : (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1;
+    pl_respond(c, status, extra, "text/plain; charset=utf-8", line, len, false);
 }
 
 void pl_respond_error_close(pl_conn *c, int status)
 {
-    char text[64];
-    snprintf(text, sizeof(text), "%s\n", pl_http_reason(status));
     c->keep_alive = false;
-    respond_text(c, status, "", text, false);
+    pl_respond_text(c, status, "", pl_http_reason(status));
 }
 
 static bool path_is(const char *path, size_t len, const char *want)
@@ -91,7 +84,7 @@ static void method_not_allowed(pl_conn *c, const char *allow)
 {
     char extra[96];
     snprintf(extra, sizeof(extra), "Allow: %s\r\n", allow);
-    respond_text(c, 405, extra, "Method Not Allowed\n", false);
+    pl_respond_text(c, 405, extra, "Method Not Allowed");
 }
 
 /* ---- SSE ------------------------------------------------------------------------------------ */
@@ -210,7 +203,7 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
         return;
     }
     if (!secret_ok(p, r, query, qlen)) {
-        respond_text(c, 401, "WWW-Authenticate: Bearer\r\n", "publish secret required\n", false);
+        pl_respond_text(c, 401, "WWW-Authenticate: Bearer\r\n", "publish secret required");
         return;
     }
     const char *body = r->body ? r->body : "";
@@ -239,18 +232,18 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
     int status = 200;
     const char *err = NULL;
     if (kind != PUBLISH_ALL && !pl_topic_name_valid(t, topic_len))
-        status = 400, err = "invalid topic name\n";
+        status = 400, err = "invalid topic name";
     else if (!pl_event_name_valid(e, event_len))
-        status = 400, err = "invalid event name\n";
+        status = 400, err = "invalid event name";
     else if (data_len > (uint64_t)p->cfg.max_message_size)
-        status = 413, err = "message too large\n";
+        status = 413, err = "message too large";
     if (err) {
-        respond_text(c, status, "", err, false);
+        pl_respond_text(c, status, "", err);
     } else {
         pl_msg *m = kind == PUBLISH_ALL ? pl_msg_new("", 0, e, event_len, data, data_len)
                                         : pl_msg_new(t, topic_len, e, event_len, data, data_len);
         if (!m) {
-            respond_text(c, 503, "", "out of memory\n", false);
+            pl_respond_text(c, 503, "", "out of memory");
         } else {
             m->to_all = kind == PUBLISH_ALL;
             uint64_t id = pl_broker_dispatch(p, m);
@@ -316,7 +309,7 @@ void pl_route(pl_conn *c, pl_http_req *r)
         handle_publish(c, r, query, qlen, PUBLISH_SEND);
     } else if (path_is(path, plen, cfg->health_path)) {
         if (get || head)
-            respond_text(c, 200, "Cache-Control: no-store\r\n", "ok\n", head);
+            pl_respond_text(c, 200, "Cache-Control: no-store\r\n", "ok");
         else
             method_not_allowed(c, "GET, HEAD, OPTIONS");
     } else if (path_is(path, plen, cfg->stats_path)) {
@@ -331,6 +324,6 @@ void pl_route(pl_conn *c, pl_http_req *r)
         else
             method_not_allowed(c, "GET, HEAD, OPTIONS");
     } else {
-        respond_text(c, 404, "", "Not Found\n", head);
+        pl_respond_text(c, 404, "", "Not Found");
     }
 }
