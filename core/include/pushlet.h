@@ -63,26 +63,37 @@ enum {
 
 /** Integer options, set with pushlet_set_int() before pushlet_start(). */
 typedef enum {
-    PUSHLET_OPT_HEARTBEAT_MS = 1,          /* SSE heartbeat interval; default 30000, 0 = none */
-    PUSHLET_OPT_HEADER_TIMEOUT_MS = 2,         /* time to receive a request head (408); default 10000 */
-    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS = 3,      /* idle keep-alive connections close; default 30000 */
-    PUSHLET_OPT_STOP_TIMEOUT_MS = 4,           /* graceful stop deadline; default 5000 */
-    PUSHLET_OPT_RETRY_MS = 5,                  /* SSE `retry:` hint sent to clients; default 3000 */
-    PUSHLET_OPT_MAX_CONNECTIONS = 6,           /* more are answered 503; default 10000 */
-    PUSHLET_OPT_MAX_MESSAGE_SIZE = 7,          /* bytes of data per message; default 65536 */
-    PUSHLET_OPT_MAX_HEADER_SIZE = 8,           /* request line + headers, bytes (431); default 8192 */
-    PUSHLET_OPT_MAX_URL_SIZE = 9,              /* request target, bytes (414); default 4096 */
-    PUSHLET_OPT_MAX_HEADERS = 10,               /* header fields per request (431); default 64 */
-    PUSHLET_OPT_MAX_OUTPUT_BYTES = 11,          /* unsent bytes per connection before it is dropped as a
-                                              slow consumer; default 1048576 */
+    PUSHLET_OPT_HEARTBEAT_MS = 1,         /* SSE heartbeat interval; default 30000, 0 = none */
+    PUSHLET_OPT_HEADER_TIMEOUT_MS = 2,    /* time to receive a request head (408); default 10000 */
+    PUSHLET_OPT_KEEPALIVE_TIMEOUT_MS = 3, /* idle keep-alive connections close; default 30000 */
+    PUSHLET_OPT_STOP_TIMEOUT_MS = 4,      /* graceful stop deadline; default 5000 */
+    PUSHLET_OPT_RETRY_MS = 5,             /* SSE `retry:` hint sent to clients; default 3000 */
+    PUSHLET_OPT_MAX_CONNECTIONS = 6,      /* more are answered 503; default 10000 */
+    PUSHLET_OPT_MAX_MESSAGE_SIZE = 7,     /* bytes of data per message; default 65536 */
+    PUSHLET_OPT_MAX_HEADER_SIZE = 8,      /* request line + headers, bytes (431); default 8192 */
+    PUSHLET_OPT_MAX_URL_SIZE = 9,         /* request target, bytes (414); default 4096 */
+    PUSHLET_OPT_MAX_HEADERS = 10,         /* header fields per request (431); default 64 */
+    PUSHLET_OPT_MAX_OUTPUT_BYTES = 11,    /* unsent bytes per connection before it is dropped as a
+                                        slow consumer; default 1048576 */
     PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION = 12, /* default 64 */
-    PUSHLET_OPT_MAX_QUEUED_MESSAGES = 13, /* publishes waiting for the loop (EFULL); default 65536 */
-    PUSHLET_OPT_MAX_QUEUED_BYTES = 14,    /* bytes waiting for the loop (EFULL); default 64 MiB */
-    PUSHLET_OPT_MAX_PENDING_EVENTS = 15,  /* pull-queue events kept before dropping; default 4096 */
-    PUSHLET_OPT_HTTP_PUBLISH = 16,        /* 1 = serve the HTTP publish endpoints; default 0 */
-    PUSHLET_OPT_LOG_LEVEL = 17,           /* least level reported; default PUSHLET_LOG_INFO */
+    PUSHLET_OPT_MAX_QUEUED_MESSAGES =
+        13,                              /* publishes waiting for the loop (EFULL); default 65536 */
+    PUSHLET_OPT_MAX_QUEUED_BYTES = 14,   /* bytes waiting for the loop (EFULL); default 64 MiB */
+    PUSHLET_OPT_MAX_PENDING_EVENTS = 15, /* pull-queue events kept before dropping; default 4096 */
+    PUSHLET_OPT_HTTP_PUBLISH = 16,       /* 1 = serve the HTTP publish endpoints; default 0 */
+    PUSHLET_OPT_LOG_LEVEL = 17,          /* least level reported; default PUSHLET_LOG_INFO */
+    PUSHLET_OPT_HISTORY_SIZE = 18, /* messages kept per topic for resume; default 1000, 0 = none */
+    PUSHLET_OPT_HISTORY_AGE_MS = 19,         /* kept messages older than this go; default 600000 */
+    PUSHLET_OPT_HISTORY_MAX_BYTES = 20,      /* all topics' history together; default 64 MiB */
+    PUSHLET_OPT_SLOW_CONSUMER_POLICY = 21,   /* PUSHLET_SLOW_*; default PUSHLET_SLOW_DISCONNECT */
+    PUSHLET_OPT_MAX_SUBSCRIBES_PER_SEC = 22, /* WebSocket (un)subscribe commands per second per
+                                                connection; default 100 */
+    PUSHLET_OPT_MAX_BODY_SIZE = 23,          /* HTTP publish body bytes (413); default 0 = 3 x
+                                                PUSHLET_OPT_MAX_MESSAGE_SIZE + 1024 */
+    PUSHLET_OPT_CLOSE_TIMEOUT_MS = 24, /* linger after an error answer, wait for a WebSocket close
+                                          reply; default 2000 */
     /* String options, set with pushlet_set_str(). */
-    PUSHLET_OPT_SSE_PATH = 100,   /* default "/events" */
+    PUSHLET_OPT_SSE_PATH = 100,         /* default "/events" */
     PUSHLET_OPT_WS_PATH = 101,          /* default "/ws" (reserved for the WebSocket transport) */
     PUSHLET_OPT_PUBLISH_PATH = 102,     /* default "/publish" */
     PUSHLET_OPT_PUBLISH_ALL_PATH = 103, /* default "/publish_all" */
@@ -94,23 +105,46 @@ typedef enum {
     PUSHLET_OPT_INDEX_HTML = 109,       /* page served at GET /; default none (404) */
     PUSHLET_OPT_WS_ORIGINS = 110,       /* Origin values (comma-separated) allowed to open a
                                      WebSocket; default any */
+    PUSHLET_OPT_HISTORY_RULES = 111,    /* per-topic history bounds, comma-separated rules
+                                     PATTERN=COUNT[:AGE_MS], first match wins; PATTERN is a topic
+                                     name, or a prefix followed by an asterisk; e.g. the rule
+                                     ticker=0 keeps no history for topic "ticker" */
 } pushlet_option_t;
+
+/** Values of PUSHLET_OPT_SLOW_CONSUMER_POLICY: what happens to a connection whose unsent output
+ *  would pass PUSHLET_OPT_MAX_OUTPUT_BYTES. */
+enum {
+    PUSHLET_SLOW_DISCONNECT = 0,  /* close it; it can resume from its last ID */
+    PUSHLET_SLOW_DROP_OLDEST = 1, /* keep it, stop queueing; it catches up from history and gets
+                                     a `gap` event for what history no longer holds */
+};
 
 /** Counters and gauges, read with pushlet_stat(). */
 typedef enum {
-    PUSHLET_STAT_CONNECTIONS = 0,      /* open client connections (gauge) */
+    PUSHLET_STAT_CONNECTIONS = 0,          /* open client connections (gauge) */
     PUSHLET_STAT_SSE_CONNECTIONS = 1,      /* open SSE streams (gauge) */
     PUSHLET_STAT_SUBSCRIPTIONS = 2,        /* (connection, topic) pairs (gauge) */
-    PUSHLET_STAT_TOPICS = 3,               /* topics with at least one subscriber (gauge) */
+    PUSHLET_STAT_TOPICS = 3,               /* topics with subscribers or history (gauge) */
     PUSHLET_STAT_MESSAGES_IN = 4,          /* messages published */
     PUSHLET_STAT_MESSAGES_OUT = 5,         /* message deliveries queued to connections */
     PUSHLET_STAT_BYTES_OUT = 6,            /* bytes written to sockets */
     PUSHLET_STAT_SLOW_CONSUMER_DROPS = 7,  /* connections dropped over their output bound */
     PUSHLET_STAT_PUBLISH_REJECTED = 8,     /* publishes refused (queue full, too big, ...) */
     PUSHLET_STAT_CONNECTIONS_REJECTED = 9, /* connections answered 503 */
-    PUSHLET_STAT_HTTP_ERRORS = 10,          /* requests answered with a 4xx/5xx status */
-    PUSHLET_STAT_CONNECTIONS_TOTAL = 11,    /* connections accepted since start */
-    PUSHLET_STAT_WS_CONNECTIONS = 12,       /* open WebSocket connections (gauge) */
+    PUSHLET_STAT_HTTP_ERRORS = 10,         /* requests answered with a 4xx/5xx status */
+    PUSHLET_STAT_CONNECTIONS_TOTAL = 11,   /* connections accepted since start */
+    PUSHLET_STAT_WS_CONNECTIONS = 12,      /* open WebSocket connections (gauge) */
+    PUSHLET_STAT_HISTORY_MESSAGES = 13,    /* messages kept for resume (gauge) */
+    PUSHLET_STAT_HISTORY_BYTES = 14,       /* bytes those hold (gauge) */
+    PUSHLET_STAT_HISTORY_EVICTED = 15,     /* messages evicted early by HISTORY_MAX_BYTES */
+    PUSHLET_STAT_RESUMES = 16,             /* subscriptions resumed from an ID */
+    PUSHLET_STAT_REPLAYED = 17,            /* messages sent from history */
+    PUSHLET_STAT_GAPS = 18,                /* gap signals sent */
+    PUSHLET_STAT_TOPICS_REJECTED = 19,     /* subscriptions refused: too many topics */
+    PUSHLET_STAT_RATE_LIMITED = 20,        /* WebSocket commands refused: rate limit */
+    PUSHLET_STAT_OVERSIZE_REJECTED = 21,   /* messages, bodies or frames over a size limit */
+    PUSHLET_STAT_TIMEOUTS = 22,            /* connections closed by a header/idle/close timeout */
+    PUSHLET_STAT_SLOW_CONSUMER_LAGS = 23,  /* times a connection fell behind (drop_oldest) */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 

@@ -13,7 +13,7 @@
 
 extern const char pushletd_demo_page[];
 
-typedef enum { KIND_STR, KIND_INT, KIND_SECONDS, KIND_LEVEL, KIND_LISTEN } flag_kind;
+typedef enum { KIND_STR, KIND_INT, KIND_SECONDS, KIND_LEVEL, KIND_LISTEN, KIND_POLICY } flag_kind;
 
 typedef struct flag {
     const char *name; /* --name, env PUSHLET_NAME */
@@ -44,6 +44,25 @@ static const flag flags[] = {
     {"publish-secret", KIND_STR, PUSHLET_OPT_PUBLISH_SECRET,
      "secret required to publish (Bearer, X-Pushlet-Secret or ?secret=)"},
     {"log-level", KIND_LEVEL, PUSHLET_OPT_LOG_LEVEL, "debug, info, warn or error (default info)"},
+    {"history-size", KIND_INT, PUSHLET_OPT_HISTORY_SIZE,
+     "messages kept per topic for resume (default 1000; 0 = none)"},
+    {"history-age", KIND_SECONDS, PUSHLET_OPT_HISTORY_AGE_MS,
+     "kept messages older than this go (default 600)"},
+    {"history-memory", KIND_INT, PUSHLET_OPT_HISTORY_MAX_BYTES,
+     "bytes for all topics' history together (default 67108864)"},
+    {"history-rules", KIND_STR, PUSHLET_OPT_HISTORY_RULES,
+     "per-topic bounds: PATTERN=COUNT[:AGE_MS],... (PATTERN: a topic or a prefix ending in *)"},
+    {"slow-consumer", KIND_POLICY, PUSHLET_OPT_SLOW_CONSUMER_POLICY,
+     "disconnect (default) or drop_oldest: keep a client over its output bound and let it catch "
+     "up from history"},
+    {"max-subscribes-per-sec", KIND_INT, PUSHLET_OPT_MAX_SUBSCRIBES_PER_SEC,
+     "WebSocket (un)subscribe commands per second per connection (default 100)"},
+    {"max-body-size", KIND_INT, PUSHLET_OPT_MAX_BODY_SIZE,
+     "HTTP publish body bytes, else 413 (default 3 x max-message-size + 1024)"},
+    {"close-timeout", KIND_SECONDS, PUSHLET_OPT_CLOSE_TIMEOUT_MS,
+     "linger after an error answer / wait for a WebSocket close reply (default 2)"},
+    {"retry", KIND_SECONDS, PUSHLET_OPT_RETRY_MS,
+     "reconnect delay suggested to EventSource clients (default 3)"},
 };
 #define NFLAGS (sizeof(flags) / sizeof(flags[0]))
 
@@ -125,6 +144,16 @@ static int apply(pushlet_t *p, const flag *f, const char *v)
         if (errno || end == v || *end || s < 0 || s > 86400)
             return fail(f->name, v, "not a number of seconds");
         rc = pushlet_set_int(p, f->option, (int64_t)(s * 1000 + 0.5));
+        break;
+    }
+    case KIND_POLICY: {
+        int policy = strcmp(v, "disconnect") == 0                                     ? 0
+                     : strcmp(v, "drop_oldest") == 0 || strcmp(v, "drop-oldest") == 0 ? 1
+                                                                                      : -1;
+        if (policy < 0)
+            return fail(f->name, v, "expected disconnect or drop_oldest");
+        rc = pushlet_set_int(p, f->option,
+                             policy ? PUSHLET_SLOW_DROP_OLDEST : PUSHLET_SLOW_DISCONNECT);
         break;
     }
     case KIND_LEVEL: {

@@ -21,36 +21,66 @@ bool pl_on_loop_thread(const pushlet_t *p)
     return uv_thread_equal(&self, &loop); /* loop_thread is 0 while no loop runs */
 }
 
-/* Queues the message on one connection in its wire format (encoded once, then shared). */
-static int64_t deliver(pl_msg *m, pl_conn *c)
+/* A publish-to-all message on one connection: not in any history, so SSE streams get it
+ * without an id line (their resume position does not move), and a connection behind under
+ * drop_oldest simply misses it. */
+static int64_t deliver_to_all(pl_msg *m, pl_conn *c)
 {
-    pl_buf *b = pl_msg_encode(m, c->format, c->p->deflate);
+    pushlet_t *p = c->p;
+    int format = c->kind == PL_CONN_SSE ? PL_FMT_SSE_BODY : c->format;
+    pl_buf *b = pl_msg_encode(m, format, p->deflate);
     if (!b) {
         pl_conn_close(c, "out of memory encoding a message");
+        return 0;
+    }
+    if (p->cfg.slow_consumer_policy == PUSHLET_SLOW_DROP_OLDEST &&
+        !pl_conn_fits(c, b->len, (uint64_t)p->cfg.max_output_bytes)) {
+        PL_STAT_ADD(p, PUSHLET_STAT_SLOW_CONSUMER_LAGS, 1);
         return 0;
     }
     pl_conn_send(c, b);
     return 1;
 }
 
-uint64_t pl_broker_dispatch(pushlet_t *p, pl_msg *m)
+void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX])
 {
-    /* The one place IDs are made: a per-broker sequence (see docs/ARCHITECTURE.md). */
-    m->id = ++p->next_id;
-    uint64_t id = m->id;
+    /* The one place IDs are made: a position in the topic (docs/ARCHITECTURE.md). */
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_IN, 1);
     int64_t delivered = 0;
+    pl_topic *t = NULL;
+    if (!m->to_all) {
+        t = pl_topics_find(&p->topics, m->topic, m->topic_len);
+        if (!t && pl_history_wanted(p, m->topic, m->topic_len))
+            t = pl_topics_get(&p->topics, m->topic, m->topic_len); /* starts at the counter */
+    }
+    p->counter++;
     if (m->to_all) {
+        m->seq = p->counter;
+        m->id_len = (uint8_t)pl_position_format(m->id, (pl_position){p->epoch, m->seq});
         for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
-            delivered += deliver(m, pl_container_of(l, pl_conn, link));
+            delivered += deliver_to_all(m, pl_container_of(l, pl_conn, link));
     } else {
-        pl_topic *t = pl_topics_find(&p->topics, m->topic, m->topic_len);
-        for (uint32_t i = 0; t && i < t->nsubs; i++)
-            delivered += deliver(m, pl_container_of(t->subs[i].sub, pl_conn, subscriber));
+        /* Without a record (nothing subscribed, nothing kept) the broker-wide counter still
+         * gives a position no later record of the topic will reuse. */
+        m->seq = t ? ++t->seq : p->counter;
+        m->id_len =
+            (uint8_t)pl_position_format(m->id, (pl_position){t ? t->epoch : p->epoch, m->seq});
+        for (uint32_t i = 0; t && i < t->nsubs; i++) {
+            pl_topic_sub *ts = &t->subs[i];
+            if (ts->state == PL_SUB_LIVE)
+                delivered += pl_deliver(pl_container_of(ts->sub, pl_conn, subscriber), m, ts);
+        }
     }
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, delivered);
+    if (id)
+        memcpy(id, m->id, (size_t)m->id_len + 1);
+    if (t) {
+        pl_history_keep(p, t, m);
+        pl_history_trim(p, false);
+        if (!t->kept && !t->nsubs)
+            pl_topics_release(&p->topics, t);
+    }
     pl_msg_unref(m);
-    return id;
 }
 
 /* ---- Loop callbacks ------------------------------------------------------------------------- */
@@ -78,6 +108,7 @@ static void finish_if_done(pushlet_t *p)
     close_handle(p, (uv_handle_t *)&p->ticker);
     close_handle(p, (uv_handle_t *)&p->heartbeat);
     close_handle(p, (uv_handle_t *)&p->stop_timer);
+    close_handle(p, (uv_handle_t *)&p->refill_idle);
 }
 
 void pl_broker_conn_gone(pushlet_t *p) { finish_if_done(p); }
@@ -130,7 +161,7 @@ static void on_wake(uv_async_t *a)
     pl_msg *m = pl_inbox_take_all(&p->inbox);
     while (m) {
         pl_msg *next = m->next;
-        pl_broker_dispatch(p, m);
+        pl_broker_dispatch(p, m, NULL);
         m = next;
     }
     if (stop && !p->stopping)
@@ -139,7 +170,11 @@ static void on_wake(uv_async_t *a)
 
 static void on_prepare(uv_prepare_t *h) { pl_conns_flush(h->loop->data); }
 
-static void on_tick(uv_timer_t *t) { pl_conns_sweep_timeouts(t->loop->data); }
+static void on_tick(uv_timer_t *t)
+{
+    pl_conns_sweep_timeouts(t->loop->data);
+    pl_history_trim(t->loop->data, true);
+}
 
 static void on_heartbeat(uv_timer_t *t)
 {
@@ -148,7 +183,7 @@ static void on_heartbeat(uv_timer_t *t)
         pl_conn *c = pl_container_of(l, pl_conn, link);
         if (c->kind == PL_CONN_WS)
             pl_ws_heartbeat(c);
-        else
+        else if (c->out_bytes == 0) /* output pending: the stream is not idle */
             pl_conn_send(c, p->sse_heartbeat);
     }
 }
@@ -195,15 +230,12 @@ static pl_buf *make_preamble(const pushlet_t *p)
                       "Connection: keep-alive\r\n"
                       "X-Accel-Buffering: no\r\n"
                       "Access-Control-Allow-Origin: %s\r\n"
-                      "\r\n"
-                      "retry: %lld\n"
-                      "event: connected\n"
-                      "data: Connection established\n\n";
-    int n = snprintf(NULL, 0, fmt, p->cfg.cors_origin, (long long)p->cfg.retry_ms);
+                      "\r\n";
+    int n = snprintf(NULL, 0, fmt, p->cfg.cors_origin);
     pl_buf *b = pl_buf_new((size_t)n + 1);
     if (!b)
         return NULL;
-    snprintf(b->data, (size_t)n + 1, fmt, p->cfg.cors_origin, (long long)p->cfg.retry_ms);
+    snprintf(b->data, (size_t)n + 1, fmt, p->cfg.cors_origin);
     b->len = (uint32_t)n;
     return b;
 }
@@ -218,7 +250,11 @@ static void release_loop_state(pushlet_t *p)
     p->read_buf = NULL;
     pl_deflate_free(p->deflate);
     p->deflate = NULL;
+    pl_history_clear(p);
     pl_topics_destroy(&p->topics);
+    pl_history_rules_free(p->rules, p->nrules);
+    p->rules = NULL;
+    p->nrules = 0;
 }
 
 static void close_any(uv_handle_t *h, void *arg)
@@ -270,7 +306,22 @@ int pl_broker_start(pushlet_t *p)
     __atomic_store_n(&p->stop_requested, false, __ATOMIC_RELAXED);
     pl_list_init(&p->conns_http);
     pl_list_init(&p->conns_stream);
+    pl_list_init(&p->kept);
+    pl_list_init(&p->history_topics);
+    p->kept_bytes = p->kept_count = 0;
+    p->refill = NULL;
     pl_topics_init(&p->topics);
+    p->topics.on_new = pl_history_topic_init;
+    p->topics.ctx = p;
+    /* A new epoch every run: history is in memory and does not survive a stop. */
+    uint64_t epoch = 0;
+    if (uv_random(NULL, NULL, &epoch, sizeof(epoch), 0, NULL) != 0)
+        epoch = uv_hrtime() ^ (uint64_t)(uintptr_t)p;
+    p->epoch = (epoch & ((UINT64_C(1) << 48) - 1)) | (UINT64_C(1) << 47); /* 10 base-36 digits */
+    p->counter = 0;
+    p->nrules = pl_history_rules_parse(p->cfg.history_rules, &p->rules);
+    if (p->nrules < 0)
+        p->nrules = 0; /* validated when set */
     p->read_buf = malloc(PL_READ_BUF_SIZE);
     p->sse_preamble = make_preamble(p);
     p->sse_heartbeat = pl_buf_from(": heartbeat\n\n", 13);
@@ -283,7 +334,8 @@ int pl_broker_start(pushlet_t *p)
          uv_async_init(&p->loop, &p->wake, on_wake) != 0 ||
          uv_prepare_init(&p->loop, &p->flusher) != 0 || uv_timer_init(&p->loop, &p->ticker) != 0 ||
          uv_timer_init(&p->loop, &p->heartbeat) != 0 ||
-         uv_timer_init(&p->loop, &p->stop_timer) != 0))
+         uv_timer_init(&p->loop, &p->stop_timer) != 0 ||
+         uv_idle_init(&p->loop, &p->refill_idle) != 0))
         rc = PUSHLET_ESYSTEM;
     if (!rc)
         rc = bind_listener(p);

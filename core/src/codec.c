@@ -4,7 +4,6 @@
  * subscriber using that encoding shares. */
 #include "internal.h"
 
-#include <inttypes.h>
 #include <msgpack.h>
 #include <stdio.h>
 #include <string.h>
@@ -97,8 +96,9 @@ static pl_buf *frame_for(size_t payload_len, char **payload)
 
 static pl_buf *encode_json(const pl_msg *m)
 {
-    char id[24], ts[32];
-    int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);
+    char ts[32];
+    const char *id = m->id;
+    int id_len = m->id_len;
     size_t ts_len = format_timestamp(m->published_ms, ts);
     /* Topic and event names are validated to need no escaping. */
     size_t n =
@@ -124,8 +124,9 @@ static void pack_str(msgpack_packer *pk, const char *s, size_t n)
 
 static pl_buf *encode_msgpack(const pl_msg *m)
 {
-    char id[24], ts[32];
-    int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);
+    char ts[32];
+    const char *id = m->id;
+    int id_len = m->id_len;
     size_t ts_len = format_timestamp(m->published_ms, ts);
     msgpack_sbuffer sb;
     msgpack_packer pk;
@@ -180,14 +181,12 @@ pl_buf *pl_msg_encode(pl_msg *m, int format, pl_deflate *z)
         m->enc[format] = plain ? compress_frame(plain, z) : NULL;
         return m->enc[format];
     }
-    if (format == PL_FMT_SSE) {
-        char id[24];
-        int id_len = snprintf(id, sizeof(id), "%" PRIu64, m->id);
-        size_t n = pl_sse_size(id, (size_t)id_len, m->event, m->event_len, m->data, m->data_len);
+    if (format == PL_FMT_SSE || format == PL_FMT_SSE_BODY) {
+        size_t id_len = format == PL_FMT_SSE ? m->id_len : 0;
+        size_t n = pl_sse_size(m->id, id_len, m->event, m->event_len, m->data, m->data_len);
         b = pl_buf_new(n);
         if (b)
-            pl_sse_encode(b->data, id, (size_t)id_len, m->event, m->event_len, m->data,
-                          m->data_len);
+            pl_sse_encode(b->data, m->id, id_len, m->event, m->event_len, m->data, m->data_len);
     } else if (format == PL_FMT_WS_JSON) {
         b = encode_json(m);
     } else {

@@ -15,7 +15,6 @@
 #include <string.h>
 
 #define MAX_IOV               256
-#define LINGER_MS             2000 /* after an error response, keep draining input this long (no RST) */
 #define MAX_LINGERING_REJECTS 256 /* 503-answered connections allowed to linger at once */
 
 typedef struct write_req {
@@ -201,7 +200,11 @@ void pl_conn_send(pl_conn *c, pl_buf *b)
     if (c->closing || c->ending)
         return;
     pushlet_t *p = c->p;
-    if (c->out_bytes > 0 && c->out_bytes + b->len > (uint64_t)p->cfg.max_output_bytes) {
+    /* Under drop_oldest, messages stop being queued at the bound (history.c); replies and
+     * signals may use as much again before the connection is given up. */
+    uint64_t limit = (uint64_t)p->cfg.max_output_bytes
+                     << (p->cfg.slow_consumer_policy == PUSHLET_SLOW_DROP_OLDEST);
+    if (!pl_conn_fits(c, b->len, limit)) {
         PL_STAT_ADD(p, PUSHLET_STAT_SLOW_CONSUMER_DROPS, 1);
         pl_conn_close(c, "slow consumer: output bound exceeded");
         return;
@@ -219,6 +222,8 @@ void pl_conn_send(pl_conn *c, pl_buf *b)
 static void consume(pl_conn *c, size_t bytes)
 {
     c->out_bytes -= bytes;
+    if (c->catching_up && c->out_bytes <= (uint64_t)c->p->cfg.max_output_bytes / 2)
+        pl_catch_up_queue(c);
     PL_STAT_ADD(c->p, PUSHLET_STAT_BYTES_OUT, (int64_t)bytes);
     while (bytes > 0) {
         pl_buf *b = c->out[c->out_head];
@@ -261,7 +266,7 @@ static void on_shutdown(uv_shutdown_t *req, int status)
         pl_conn_close(c, "stream ended");
         return;
     }
-    c->deadline = uv_now(&c->p->loop) + LINGER_MS;
+    c->deadline = uv_now(&c->p->loop) + (uint64_t)c->p->cfg.close_timeout_ms;
 }
 
 /* Everything queued is written. */
@@ -347,7 +352,7 @@ void pl_conn_end(pl_conn *c)
     if (c->ending || c->closing)
         return;
     c->ending = true;
-    c->deadline = uv_now(&c->p->loop) + LINGER_MS;
+    c->deadline = uv_now(&c->p->loop) + (uint64_t)c->p->cfg.close_timeout_ms;
     if (c->kind == PL_CONN_WS) {
         /* Its close handshake lingers like an HTTP error answer: watched by the sweep. */
         pl_list_remove(&c->link);
@@ -389,6 +394,13 @@ static void on_close(uv_handle_t *h)
 static void reap(pl_conn *c)
 {
     pushlet_t *p = c->p;
+    if (c->refill_queued) {
+        pl_conn **pp = &p->refill;
+        while (*pp != c)
+            pp = &(*pp)->next_refill;
+        *pp = c->next_refill;
+        c->refill_queued = false;
+    }
     if (c->subscriber.subs) { /* also frees the array of one that unsubscribed from all */
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
         pl_sync_topic_stats(p);
@@ -401,8 +413,11 @@ static void reap(pl_conn *c)
     uv_close((uv_handle_t *)&c->tcp, on_close);
 }
 
+static void on_refill_idle(uv_idle_t *h) { (void)h; }
+
 void pl_conns_flush(pushlet_t *p)
 {
+    pl_catch_up(p);
     while (p->dirty || p->closing) {
         while (p->dirty) {
             pl_conn *c = p->dirty;
@@ -415,6 +430,12 @@ void pl_conns_flush(pushlet_t *p)
             reap(c);
         }
     }
+    /* Connections whose output drained during these writes catch up on the next turn: keep the
+     * loop from blocking until then. */
+    if (p->refill && !uv_is_active((uv_handle_t *)&p->refill_idle) && !p->stopping)
+        uv_idle_start(&p->refill_idle, on_refill_idle);
+    else if (!p->refill && uv_is_active((uv_handle_t *)&p->refill_idle))
+        uv_idle_stop(&p->refill_idle);
 }
 
 void pl_conns_sweep_timeouts(pushlet_t *p)
@@ -424,11 +445,16 @@ void pl_conns_sweep_timeouts(pushlet_t *p)
         pl_conn *c = pl_container_of(l, pl_conn, link);
         if (c->closing || now < c->deadline)
             continue;
-        if (c->shut || c->ending)
+        if (c->shut || c->ending) {
+            if (c->kind == PL_CONN_WS) /* the peer never answered our close frame */
+                PL_STAT_ADD(p, PUSHLET_STAT_TIMEOUTS, 1);
             pl_conn_close(c, "linger over");
-        else if (c->req)
+        } else if (c->req) {
+            PL_STAT_ADD(p, PUSHLET_STAT_TIMEOUTS, 1);
             pl_respond_error_close(c, 408);
-        else
+        } else {
+            PL_STAT_ADD(p, PUSHLET_STAT_TIMEOUTS, 1);
             pl_conn_close(c, "idle");
+        }
     }
 }

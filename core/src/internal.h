@@ -75,8 +75,11 @@ typedef enum {
     PL_FMT_WS_MSGPACK,
     PL_FMT_WS_JSON_Z,
     PL_FMT_WS_MSGPACK_Z,
+    PL_FMT_SSE_BODY, /* SSE without the id line: multi-topic streams put their own cursor first */
     PL_FMT_COUNT
 } pl_format;
+
+#define PL_ID_MAX 32 /* "EPOCH-SEQ": 13 base-36 digits, '-', 20 decimal digits, NUL */
 
 /* A published message: created (and its strings copied) by the publishing thread, handed to the
  * loop through the inbox, then owned by the loop. Encoded lazily, once per wire format. */
@@ -84,10 +87,17 @@ typedef struct pl_msg {
     struct pl_msg *next; /* inbox link */
     uint32_t refs;
     bool to_all; /* publish-to-all rather than to `topic` */
+    uint8_t id_len;
     uint16_t topic_len, event_len;
     uint32_t data_len;
-    uint64_t id;                /* assigned on the loop by pl_broker_dispatch() */
-    int64_t published_ms;       /* wall clock at publish, for timestamps (never for ordering) */
+    uint64_t seq;         /* position in its topic, assigned by pl_broker_dispatch() */
+    char id[PL_ID_MAX];   /* the ID as sent: "EPOCH-SEQ" */
+    int64_t published_ms; /* wall clock at publish, for timestamps (never for ordering) */
+    /* While kept in a topic's history (history.c): */
+    pl_link kept; /* in the broker's list of kept messages, oldest first */
+    struct pl_topic *topic_rec;
+    uint64_t kept_at;           /* loop time (ms) it was stored */
+    uint32_t kept_bytes;        /* what it counts against PUSHLET_OPT_HISTORY_MAX_BYTES */
     pl_buf *enc[PL_FMT_COUNT];  /* per wire format (pl_format), made on first use */
     char *topic, *event, *data; /* NUL-terminated, inside `storage` */
     char storage[];
@@ -143,11 +153,16 @@ pl_msg *pl_inbox_take_all(pl_inbox *q) PL_HIDDEN;
 typedef struct pl_topic pl_topic;
 typedef struct pl_subscriber pl_subscriber;
 
+/* A subscription is live (fan-out queues each message), or catching up from the topic's
+ * history (fan-out skips it; history.c feeds it until it reaches the newest message). */
+enum { PL_SUB_LIVE = 0, PL_SUB_RESUMING, PL_SUB_LAGGING /* fell behind under drop_oldest */ };
+
 /* One entry of a topic's subscriber array; `slot` is the index of the matching pl_sub in the
  * subscriber, so both sides unlink in O(1). */
 typedef struct pl_topic_sub {
     pl_subscriber *sub;
     uint32_t slot;
+    uint8_t state; /* PL_SUB_* */
 } pl_topic_sub;
 
 struct pl_topic {
@@ -155,12 +170,22 @@ struct pl_topic {
     uint16_t name_len;
     uint32_t nsubs, cap;
     pl_topic_sub *subs;
+    /* Positions and history (history.c). */
+    uint64_t epoch;
+    uint64_t seq;                 /* the last sequence number assigned */
+    pl_msg **ring;                /* kept messages, sequence seq-kept+1 .. seq */
+    uint32_t ring_cap, ring_head; /* ring_cap: a power of two */
+    uint32_t kept;
+    uint32_t keep_max; /* history bounds for this topic (PUSHLET_OPT_HISTORY_*, rules) */
+    int64_t keep_age_ms;
+    pl_link with_history; /* in the broker's list of topics keeping messages */
     char name[];
 };
 
 typedef struct pl_sub {
     pl_topic *topic;
     uint32_t index; /* position in topic->subs */
+    uint64_t seq;   /* the last sequence number queued to this subscriber (or its start) */
 } pl_sub;
 
 /* Embedded in whatever subscribes (a connection). */
@@ -174,6 +199,9 @@ typedef struct pl_topics {
     uint32_t cap;     /* power of two */
     uint32_t count;
     uint64_t subscriptions;
+    /* Called for each new topic (sets its position and history bounds); may be NULL. */
+    void (*on_new)(void *ctx, pl_topic *tp);
+    void *ctx;
 } pl_topics;
 
 /* 1..max bytes of ASCII letters, digits and the `extra` characters. */
@@ -182,11 +210,53 @@ bool pl_topic_name_valid(const char *name, size_t len) PL_HIDDEN;
 void pl_topics_init(pl_topics *t) PL_HIDDEN;
 void pl_topics_destroy(pl_topics *t) PL_HIDDEN; /* every subscriber must have left */
 pl_topic *pl_topics_find(const pl_topics *t, const char *name, size_t len) PL_HIDDEN;
-/* 0 = subscribed, 1 = was already, PUSHLET_ENOMEM. The name must be valid. */
+/* The topic, created when absent; NULL when out of memory. The name must be valid. */
+pl_topic *pl_topics_get(pl_topics *t, const char *name, size_t len) PL_HIDDEN;
+/* 0 = subscribed (live, from the topic's current position), 1 = was already, PUSHLET_ENOMEM.
+ * The name must be valid. */
 int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len) PL_HIDDEN;
-/* 0 = unsubscribed, 1 = was not subscribed. Frees the topic when its last subscriber leaves. */
+/* 0 = unsubscribed, 1 = was not subscribed. */
 int pl_topics_unsubscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len) PL_HIDDEN;
 void pl_topics_unsubscribe_all(pl_topics *t, pl_subscriber *s) PL_HIDDEN;
+/* Frees the topic if nothing holds it any more (no subscriber, no kept message). */
+void pl_topics_release(pl_topics *t, pl_topic *tp) PL_HIDDEN;
+
+/* ---- Positions, cursors and history (cursor.c, history.c) ---------------------------------- */
+
+/* A position in a topic: the last message seen (seq 0 of an epoch = none). */
+typedef struct pl_position {
+    uint64_t epoch, seq;
+} pl_position;
+
+#define PL_CURSOR_MAX_POSITIONS 64 /* = the largest PUSHLET_OPT_MAX_TOPICS_PER_CONNECTION */
+#define PL_CURSOR_NO_CHECK      (-1)
+
+/* "EPOCH-SEQ" into out (NUL-terminated); returns its length. */
+size_t pl_position_format(char out[PL_ID_MAX], pl_position pos) PL_HIDDEN;
+/* Parses `position *("." position) ["~" check]` (see docs/ARCHITECTURE.md). Returns the number of
+ * positions (1..max), or -1 when malformed. *check is PL_CURSOR_NO_CHECK when absent. */
+int pl_cursor_parse(const char *s, size_t len, pl_position *out, size_t max,
+                    int32_t *check) PL_HIDDEN;
+/* The check of a list of topic names (a hash, 4 base-36 digits when formatted). */
+int32_t pl_cursor_check(const char *const *names, const uint16_t *lens, size_t n) PL_HIDDEN;
+/* Formats a cursor; a position repeats its epoch only when it differs from the previous one. The
+ * check is appended unless PL_CURSOR_NO_CHECK. Returns the length, or 0 when `cap` is short. */
+size_t pl_cursor_format(char *out, size_t cap, const pl_position *pos, size_t n,
+                        int32_t check) PL_HIDDEN;
+
+/* A per-topic history rule (PUSHLET_OPT_HISTORY_RULES). */
+typedef struct pl_history_rule {
+    char *pattern;
+    size_t len;
+    bool prefix; /* the pattern ended in '*' */
+    uint32_t keep_max;
+    int64_t keep_age_ms;
+} pl_history_rule;
+
+/* Parses "pattern=count[:age_ms],..." into a new array (free with pl_history_rules_free).
+ * Returns the number of rules, or -1 when malformed. */
+int pl_history_rules_parse(const char *spec, pl_history_rule **out) PL_HIDDEN;
+void pl_history_rules_free(pl_history_rule *rules, int n) PL_HIDDEN;
 
 /* ---- HTTP/1.1 request parsing (http.c): no I/O, copies only the head fields it keeps -------- */
 
@@ -368,14 +438,22 @@ typedef struct pl_conn {
     uint8_t kind;      /* pl_conn_kind */
     uint8_t format;    /* pl_format of the messages it receives */
     bool dirty, writing, closing, ending, shut, keep_alive, http10;
-    bool head_req;  /* the request being answered is HEAD: headers only */
-    bool peer_done; /* the peer half-closed: no linger needed once our answers are out */
-    bool rejected;  /* answered 503 at accept (counted in p->nrejecting) */
+    bool head_req;    /* the request being answered is HEAD: headers only */
+    bool peer_done;   /* the peer half-closed: no linger needed once our answers are out */
+    bool rejected;    /* answered 503 at accept (counted in p->nrejecting) */
+    bool catching_up; /* some subscription is fed from history (history.c) */
+    bool refill_queued;
+    struct pl_conn *next_refill;
 } pl_conn;
 
 void pl_conn_accept(pushlet_t *p) PL_HIDDEN;
 /* Queue a shared buffer (takes a new reference). Drops the connection when over its bound. */
 void pl_conn_send(pl_conn *c, pl_buf *b) PL_HIDDEN;
+/* Whether `bytes` more stay within `limit` unsent bytes (an empty queue takes anything). */
+static inline bool pl_conn_fits(const pl_conn *c, size_t bytes, uint64_t limit)
+{
+    return c->out_bytes == 0 || c->out_bytes + bytes <= limit;
+}
 /* Finish sending what is queued, then close (graceful). */
 void pl_conn_end(pl_conn *c) PL_HIDDEN;
 /* Close now; the reason is logged at debug level. Safe during fan-out: takes effect at reap. */
@@ -402,10 +480,42 @@ typedef struct pl_ws_command {
     int action;
     char topic[129]; /* a valid topic name for (un)subscribe */
     size_t topic_len;
+    bool has_since; /* subscribe: resume after this position */
+    pl_position since;
     const char *reason, *detail; /* on error: machine-readable reason, one-line explanation */
 } pl_ws_command;
 /* 0 with `cmd` filled, or -1 with cmd->reason/detail set (static strings). */
 int pl_ws_parse_command(const uint8_t *data, size_t len, pl_ws_command *cmd) PL_HIDDEN;
+
+/* ---- Delivery, resume and history (history.c) ------------------------------------------------ */
+
+/* Queues a message of topic `t` (the subscriber's entry `ts`) on its connection, in the
+ * connection's format (with its own cursor line on multi-topic SSE streams). Applies the
+ * slow-consumer policy. Returns 1 when queued. */
+int pl_deliver(pl_conn *c, pl_msg *m, pl_topic_sub *ts) PL_HIDDEN;
+/* Starts subscription `k` of `c` from a client's position (NULL: from now, live). Queues a gap
+ * signal first when the position cannot be served. */
+void pl_resume(pl_conn *c, uint16_t k, const pl_position *from) PL_HIDDEN;
+/* Sends the gap signal for subscription `k` (SSE event or WebSocket message). */
+void pl_send_gap(pl_conn *c, uint16_t k, const char *reason) PL_HIDDEN;
+int32_t pl_cursor_check_of(const pl_conn *c) PL_HIDDEN; /* of its topic list */
+/* The cursor of `c`'s subscriptions as they stand (a message ID for a single topic). */
+size_t pl_conn_cursor(const pl_conn *c, char *out, size_t cap) PL_HIDDEN;
+/* Parses a client cursor for `c`'s subscriptions: 1 = fits (positions in `out`, one per
+ * subscription), 0 = well-formed but not for these topics, -1 = malformed. */
+int pl_cursor_for(const pl_conn *c, const char *s, size_t len, pl_position *out) PL_HIDDEN;
+/* Keeps `m` in its topic's history (the topic exists). */
+void pl_history_keep(pushlet_t *p, pl_topic *t, pl_msg *m) PL_HIDDEN;
+/* Evicts what is over the memory budget (and, with `by_age`, what passed its age); frees topics
+ * nothing holds any more. */
+void pl_history_trim(pushlet_t *p, bool by_age) PL_HIDDEN;
+void pl_history_clear(pushlet_t *p) PL_HIDDEN; /* at stop */
+void pl_history_topic_init(void *ctx, pl_topic *t) PL_HIDDEN;
+/* Whether messages of this topic are kept (its bounds, from the options and rules). */
+bool pl_history_wanted(const pushlet_t *p, const char *name, size_t len) PL_HIDDEN;
+/* Feeds connections catching up from history; run once per loop turn before writing. */
+void pl_catch_up(pushlet_t *p) PL_HIDDEN;
+void pl_catch_up_queue(pl_conn *c) PL_HIDDEN;
 
 /* ---- Routing (router.c) -------------------------------------------------------------------- */
 
@@ -422,6 +532,13 @@ void pl_respond_text(pl_conn *c, int status, const char *extra, const char *text
  * with `*err` set to a one-line reason. */
 int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_default,
                        const char **err) PL_HIDDEN;
+/* The client's resume cursor for `c`'s subscriptions, from the Last-Event-ID header or else the
+ * `last_event_id` query parameter: 1 = fits (positions in `pos`), 0 = does not fit these topics
+ * (or a bad header), -1 = none given; -400/-503 = refuse with that status and `*err`. */
+int pl_read_cursor(pl_conn *c, const char *header, size_t header_len, const char *query,
+                   size_t qlen, pl_position *pos, const char **err) PL_HIDDEN;
+/* Starts every subscription of `c` as pl_read_cursor() found (a gap each when 0). */
+void pl_resume_all(pl_conn *c, int fit, const pl_position *pos) PL_HIDDEN;
 /* Keeps the gauges in step with the topic registry. */
 void pl_sync_topic_stats(pushlet_t *p) PL_HIDDEN;
 /* Finds `key` in a query string or form body; its decoded value goes to a new buffer that the
@@ -436,8 +553,10 @@ typedef struct pl_config {
     int64_t max_connections, max_message_size, max_header_size, max_url_size, max_headers;
     int64_t max_output_bytes, max_topics_per_connection, max_queued_messages, max_queued_bytes;
     int64_t max_pending_events, http_publish, log_level;
+    int64_t history_size, history_age_ms, history_max_bytes, slow_consumer_policy;
+    int64_t max_subscribes_per_sec, max_body_size, close_timeout_ms;
     char *sse_path, *ws_path, *publish_path, *publish_all_path, *send_path, *stats_path,
-        *health_path, *cors_origin, *publish_secret, *index_html, *ws_origins;
+        *health_path, *cors_origin, *publish_secret, *index_html, *ws_origins, *history_rules;
     char host[64];
     int port;
 } pl_config;
@@ -476,8 +595,17 @@ struct pushlet {
     uv_timer_t ticker, heartbeat, stop_timer;
     bool stopping;
     int open_handles; /* broker-owned handles not yet closed */
-    uint64_t next_id;
+    uint64_t epoch;   /* drawn at every start: history does not outlive a run */
+    uint64_t counter; /* messages dispatched this run; new topics' sequences start here */
     pl_topics topics;
+    /* History (history.c). */
+    pl_link kept;           /* every kept message, oldest first */
+    pl_link history_topics; /* topics keeping messages */
+    uint64_t kept_bytes, kept_count;
+    pl_history_rule *rules;
+    int nrules;
+    pl_conn *refill;       /* connections waiting for room to catch up */
+    uv_idle_t refill_idle; /* keeps the loop turning while some are queued */
     pl_link conns_http, conns_stream;
     pl_conn *dirty, *closing;
     uint32_t nconns;
@@ -489,8 +617,9 @@ struct pushlet {
 
 #define PL_READ_BUF_SIZE 65536
 
-/* Publish on the loop thread: assigns the ID, fans out, takes ownership of `m`. */
-uint64_t pl_broker_dispatch(pushlet_t *p, pl_msg *m) PL_HIDDEN;
+/* Publish on the loop thread: assigns the ID (copied to `id` unless NULL), fans out, keeps the
+ * message in its topic's history, takes ownership of `m`. */
+void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX]) PL_HIDDEN;
 /* Start/stop the loop side. Called by pushlet.c: start with state_mu held, stop without it
  * (state STOPPING keeps other calls out). */
 int pl_broker_start(pushlet_t *p) PL_HIDDEN;

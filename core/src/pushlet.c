@@ -62,6 +62,14 @@ static const int_option int_options[] = {
     INT_OPT(PUSHLET_OPT_MAX_PENDING_EVENTS, max_pending_events, 4096, 1, 10000000),
     INT_OPT(PUSHLET_OPT_HTTP_PUBLISH, http_publish, 0, 0, 1),
     INT_OPT(PUSHLET_OPT_LOG_LEVEL, log_level, PUSHLET_LOG_INFO, 0, PUSHLET_LOG_OFF),
+    INT_OPT(PUSHLET_OPT_HISTORY_SIZE, history_size, 1000, 0, 10000000),
+    INT_OPT(PUSHLET_OPT_HISTORY_AGE_MS, history_age_ms, 600000, 0, (int64_t)366 * 86400000),
+    INT_OPT(PUSHLET_OPT_HISTORY_MAX_BYTES, history_max_bytes, 64 << 20, 0, (int64_t)1 << 40),
+    INT_OPT(PUSHLET_OPT_SLOW_CONSUMER_POLICY, slow_consumer_policy, PUSHLET_SLOW_DISCONNECT,
+            PUSHLET_SLOW_DISCONNECT, PUSHLET_SLOW_DROP_OLDEST),
+    INT_OPT(PUSHLET_OPT_MAX_SUBSCRIBES_PER_SEC, max_subscribes_per_sec, 100, 1, 1000000),
+    INT_OPT(PUSHLET_OPT_MAX_BODY_SIZE, max_body_size, 0, 0, (int64_t)1 << 30),
+    INT_OPT(PUSHLET_OPT_CLOSE_TIMEOUT_MS, close_timeout_ms, 2000, 1, 3600000),
 };
 
 typedef struct str_option {
@@ -87,6 +95,7 @@ static const str_option str_options[] = {
     STR_OPT(PUSHLET_OPT_PUBLISH_SECRET, publish_secret, "", false),
     STR_OPT(PUSHLET_OPT_INDEX_HTML, index_html, "", false),
     STR_OPT(PUSHLET_OPT_WS_ORIGINS, ws_origins, "", false),
+    STR_OPT(PUSHLET_OPT_HISTORY_RULES, history_rules, "", false),
 };
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
@@ -124,6 +133,12 @@ static bool str_value_ok(const str_option *o, const char *v)
         return true;
     if (o->is_path && *v && *v != '/')
         return false;
+    if (o->opt == PUSHLET_OPT_HISTORY_RULES) {
+        pl_history_rule *rules;
+        int n = pl_history_rules_parse(v, &rules);
+        pl_history_rules_free(rules, n > 0 ? n : 0);
+        return n >= 0;
+    }
     for (const char *c = v; *c; c++)
         if ((unsigned char)*c < 0x20 || *c == 0x7f)
             return false;
@@ -136,7 +151,8 @@ static void sync_limits(pushlet_t *p)
     p->limits.max_head = (uint32_t)p->cfg.max_header_size;
     p->limits.max_headers = (uint32_t)p->cfg.max_headers;
     /* Bodies carry message data (plus form encoding for /send). */
-    p->limits.max_body = (uint64_t)p->cfg.max_message_size * 3 + 1024;
+    p->limits.max_body = p->cfg.max_body_size ? (uint64_t)p->cfg.max_body_size
+                                              : (uint64_t)p->cfg.max_message_size * 3 + 1024;
     p->events.max_count = (size_t)p->cfg.max_pending_events;
     __atomic_store_n(&p->max_data, (size_t)p->cfg.max_message_size, __ATOMIC_RELAXED);
     __atomic_store_n(&p->log_level, (int)p->cfg.log_level, __ATOMIC_RELAXED);
@@ -376,6 +392,8 @@ static int publish(pushlet_t *p, const char *topic, const char *event, const cha
     }
     if (rc && rc != PUSHLET_ESTOPPED)
         PL_STAT_ADD_SHARED(p, PUSHLET_STAT_PUBLISH_REJECTED, 1);
+    if (rc == PUSHLET_ETOOBIG)
+        PL_STAT_ADD_SHARED(p, PUSHLET_STAT_OVERSIZE_REJECTED, 1);
     return rc;
 }
 

@@ -45,6 +45,8 @@ void pl_respond(pl_conn *c, int status, const char *extra, const char *ctype, co
     b->len = (uint32_t)((size_t)hlen + blen);
     if (status >= 400)
         PL_STAT_ADD(p, PUSHLET_STAT_HTTP_ERRORS, 1);
+    if (status == 413)
+        PL_STAT_ADD_SHARED(p, PUSHLET_STAT_OVERSIZE_REJECTED, 1);
     pl_conn_send(c, b);
     pl_buf_unref(b);
     if (!c->keep_alive)
@@ -119,7 +121,13 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
             *err = "invalid topic name";
             return 400;
         }
+        bool repeated = false;
+        for (size_t i = 0; i < n && !repeated; i++)
+            repeated = lens[i] == vlen && memcmp(topics[i], val, vlen) == 0;
+        if (repeated)
+            continue;
         if (n == max) {
+            PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
             *err = "too many topics";
             return 400;
         }
@@ -142,7 +150,46 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
     return 0;
 }
 
-static void start_sse(pl_conn *c, const char *query, size_t qlen)
+int pl_read_cursor(pl_conn *c, const char *header, size_t header_len, const char *query,
+                   size_t qlen, pl_position *pos, const char **err)
+{
+    if (header && header_len) {
+        /* Sent by browsers on their own: a bad one degrades to a gap, never a refusal that
+         * would stop an EventSource for good. */
+        return pl_cursor_for(c, header, header_len, pos) == 1 ? 1 : 0;
+    }
+    char *given = NULL;
+    size_t len;
+    int rc = pl_query_find(query, qlen, "last_event_id", &given, &len);
+    if (rc < 0) {
+        *err = "out of memory";
+        return -503;
+    }
+    if (rc == 0)
+        return -1;
+    rc = pl_cursor_for(c, given, len, pos);
+    free(given);
+    if (rc < 0) {
+        *err = "invalid last_event_id";
+        return -400;
+    }
+    return rc;
+}
+
+void pl_resume_all(pl_conn *c, int fit, const pl_position *pos)
+{
+    for (uint16_t k = 0; k < c->subscriber.nsubs; k++) {
+        if (fit == 0) {
+            pl_resume(c, k, NULL);
+            PL_STAT_ADD(c->p, PUSHLET_STAT_RESUMES, 1);
+            pl_send_gap(c, k, "cursor_mismatch");
+        } else {
+            pl_resume(c, k, fit == 1 ? &pos[k] : NULL);
+        }
+    }
+}
+
+static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
 {
     pushlet_t *p = c->p;
     const char *err;
@@ -151,12 +198,45 @@ static void start_sse(pl_conn *c, const char *query, size_t qlen)
         pl_respond_text(c, status, "", err);
         return;
     }
+    size_t hlen;
+    const char *header = pl_http_header(r, "last-event-id", &hlen);
+    pl_position pos[PL_CURSOR_MAX_POSITIONS];
+    int fit = pl_read_cursor(c, header, hlen, query, qlen, pos, &err);
+    if (fit < -1) {
+        pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
+        pl_sync_topic_stats(p);
+        pl_respond_text(c, -fit, "", err);
+        return;
+    }
     c->kind = PL_CONN_SSE;
-    c->format = PL_FMT_SSE;
+    c->format = c->subscriber.nsubs > 1 ? PL_FMT_SSE_BODY : PL_FMT_SSE;
     pl_list_remove(&c->link);
     pl_list_push(&p->conns_stream, &c->link);
     PL_STAT_ADD(p, PUSHLET_STAT_SSE_CONNECTIONS, 1);
     pl_conn_send(c, p->sse_preamble);
+
+    /* The connected event names where the stream starts: the client's own cursor when it
+     * resumes (so a drop before the replay resumes from there again), none when its cursor
+     * does not fit (a reconnect then reports the mismatch again), else the current positions. */
+    char cursor[PL_CURSOR_MAX_POSITIONS * 22 + 8] = "";
+    size_t n = 0;
+    if (fit == 1)
+        n = pl_cursor_format(cursor, sizeof(cursor), pos, c->subscriber.nsubs,
+                             c->subscriber.nsubs > 1 ? pl_cursor_check_of(c) : PL_CURSOR_NO_CHECK);
+    else if (fit == -1)
+        n = pl_conn_cursor(c, cursor, sizeof(cursor));
+    char event[sizeof(cursor) + 128];
+    int len = snprintf(event, sizeof(event),
+                       "retry: %lld\n%s%s%sevent: connected\ndata: Connection established\n\n",
+                       (long long)p->cfg.retry_ms, n ? "id: " : "", cursor, n ? "\n" : "");
+    pl_buf *b = pl_buf_from(event, (size_t)len);
+    if (!b) {
+        pl_conn_close(c, "out of memory");
+        return;
+    }
+    pl_conn_send(c, b);
+    pl_buf_unref(b);
+    pl_resume_all(c, fit, pos);
 }
 
 /* ---- Publishing over HTTP ------------------------------------------------------------------- */
@@ -236,7 +316,7 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
     else if (!pl_event_name_valid(e, event_len))
         status = 400, err = "invalid event name";
     else if (data_len > (uint64_t)p->cfg.max_message_size)
-        status = 413, err = "message too large";
+        status = 413, err = "message too large"; /* counted by pl_respond */
     if (err) {
         pl_respond_text(c, status, "", err);
     } else {
@@ -246,9 +326,10 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
             pl_respond_text(c, 503, "", "out of memory");
         } else {
             m->to_all = kind == PUBLISH_ALL;
-            uint64_t id = pl_broker_dispatch(p, m);
-            char answer[48];
-            int n = snprintf(answer, sizeof(answer), "{\"id\":\"%" PRIu64 "\"}\n", id);
+            char id[PL_ID_MAX];
+            pl_broker_dispatch(p, m, id);
+            char answer[PL_ID_MAX + 16];
+            int n = snprintf(answer, sizeof(answer), "{\"id\":\"%s\"}\n", id);
             pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", answer, (size_t)n,
                        false);
         }
@@ -263,12 +344,32 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
 static void handle_stats(pl_conn *c, bool head_only)
 {
     static const char *const names[PUSHLET_STAT_COUNT] = {
-        "connections",      "sse_connections",      "subscriptions", "topics",
-        "messages_in",      "messages_out",         "bytes_out",     "slow_consumer_drops",
-        "publish_rejected", "connections_rejected", "http_errors",   "connections_total",
+        "connections",
+        "sse_connections",
+        "subscriptions",
+        "topics",
+        "messages_in",
+        "messages_out",
+        "bytes_out",
+        "slow_consumer_drops",
+        "publish_rejected",
+        "connections_rejected",
+        "http_errors",
+        "connections_total",
         "ws_connections",
+        "history_messages",
+        "history_bytes",
+        "history_evicted",
+        "resumes",
+        "replayed",
+        "gaps",
+        "topics_rejected",
+        "rate_limited",
+        "oversize_rejected",
+        "timeouts",
+        "slow_consumer_lags",
     };
-    char body[1024];
+    char body[2048];
     size_t n = 0;
     body[n++] = '{';
     for (int i = 0; i < PUSHLET_STAT_COUNT; i++)
@@ -294,7 +395,7 @@ void pl_route(pl_conn *c, pl_http_req *r)
         preflight(c);
     } else if (path_is(path, plen, cfg->sse_path)) {
         if (get)
-            start_sse(c, query, qlen);
+            start_sse(c, r, query, qlen);
         else if (head)
             pl_respond(c, 200, "Cache-Control: no-cache\r\n", "text/event-stream", "", 0, true);
         else

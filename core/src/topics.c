@@ -1,7 +1,7 @@
 /* Topic registry: an open-addressing hash table of topics, each with a dense subscriber array
  * for fast fan-out. A subscription is recorded on both sides with each side's index into the
- * other, so subscribe and unsubscribe are O(1). Topics are freed when their last subscriber
- * leaves. */
+ * other, so subscribe and unsubscribe are O(1). A topic is freed once nothing holds it: no
+ * subscriber and no message kept in its history. */
 #include "internal.h"
 
 #include <stdlib.h>
@@ -42,6 +42,7 @@ void pl_topics_destroy(pl_topics *t)
     for (uint32_t i = 0; i < t->cap; i++) {
         if (t->slots[i]) {
             free(t->slots[i]->subs);
+            free(t->slots[i]->ring);
             free(t->slots[i]);
         }
     }
@@ -113,13 +114,31 @@ static int find_sub(const pl_subscriber *s, const pl_topic *tp)
     return -1;
 }
 
-int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len)
+pl_topic *pl_topics_get(pl_topics *t, const char *name, size_t len)
 {
     if ((t->count + 1) * 4 > t->cap * 3 && grow_table(t) != 0)
-        return PUSHLET_ENOMEM;
+        return NULL;
     uint32_t h = hash_name(name, len);
     uint32_t slot = probe(t, name, len, h);
-    pl_topic *tp = t->slots[slot];
+    if (t->slots[slot])
+        return t->slots[slot];
+    pl_topic *tp = calloc(1, sizeof(*tp) + len + 1);
+    if (!tp)
+        return NULL;
+    tp->hash = h;
+    tp->name_len = (uint16_t)len;
+    memcpy(tp->name, name, len);
+    pl_list_init(&tp->with_history);
+    t->slots[slot] = tp;
+    t->count++;
+    if (t->on_new)
+        t->on_new(t->ctx, tp);
+    return tp;
+}
+
+int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len)
+{
+    pl_topic *tp = pl_topics_find(t, name, len);
     if (tp && find_sub(s, tp) >= 0)
         return 1;
     if (s->nsubs == UINT16_MAX)
@@ -133,29 +152,20 @@ int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t
         s->subs = ns;
         s->cap = ncap;
     }
-    if (!tp) {
-        tp = calloc(1, sizeof(*tp) + len + 1);
-        if (!tp)
-            return PUSHLET_ENOMEM;
-        tp->hash = h;
-        tp->name_len = (uint16_t)len;
-        memcpy(tp->name, name, len);
-        t->slots[slot] = tp;
-        t->count++;
-    }
+    if (!tp && !(tp = pl_topics_get(t, name, len)))
+        return PUSHLET_ENOMEM;
     if (tp->nsubs == tp->cap) {
         uint32_t ncap = tp->cap ? tp->cap * 2 : 4;
         pl_topic_sub *ns = realloc(tp->subs, ncap * sizeof(*ns));
         if (!ns) {
-            if (tp->nsubs == 0)
-                remove_slot(t, slot), free(tp);
+            pl_topics_release(t, tp);
             return PUSHLET_ENOMEM;
         }
         tp->subs = ns;
         tp->cap = ncap;
     }
-    tp->subs[tp->nsubs] = (pl_topic_sub){s, s->nsubs};
-    s->subs[s->nsubs] = (pl_sub){tp, tp->nsubs};
+    tp->subs[tp->nsubs] = (pl_topic_sub){s, s->nsubs, PL_SUB_LIVE};
+    s->subs[s->nsubs] = (pl_sub){tp, tp->nsubs, tp->seq};
     tp->nsubs++;
     s->nsubs++;
     t->subscriptions++;
@@ -182,9 +192,7 @@ static void unlink_sub(pl_topics *t, pl_subscriber *s, int k)
     t->subscriptions--;
 
     if (tp->nsubs == 0) {
-        remove_slot(t, probe(t, tp->name, tp->name_len, tp->hash));
-        free(tp->subs);
-        free(tp);
+        pl_topics_release(t, tp);
     } else if (tp->nsubs * 4 < tp->cap && tp->cap > 16) {
         pl_topic_sub *ns = realloc(tp->subs, (tp->cap / 2) * sizeof(*ns));
         if (ns) {
@@ -192,6 +200,16 @@ static void unlink_sub(pl_topics *t, pl_subscriber *s, int k)
             tp->cap /= 2;
         }
     }
+}
+
+void pl_topics_release(pl_topics *t, pl_topic *tp)
+{
+    if (tp->nsubs > 0 || tp->kept > 0)
+        return;
+    remove_slot(t, probe(t, tp->name, tp->name_len, tp->hash));
+    free(tp->subs);
+    free(tp->ring);
+    free(tp);
 }
 
 int pl_topics_unsubscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len)

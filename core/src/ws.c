@@ -21,7 +21,9 @@ struct pl_ws_conn {
     size_t msg_len, msg_cap;
     uint8_t msg_opcode;
     bool awaiting_pong, close_sent, deflate;
-    bool failed; /* closed for a protocol error: the parser's state means nothing any more */
+    bool failed;       /* closed for a protocol error: the parser's state means nothing any more */
+    double tokens;     /* (un)subscribe commands allowed now (a token bucket) */
+    uint64_t token_ms; /* loop time of the last refill */
 };
 
 #define CLOSE_REASON_MAX 123
@@ -44,23 +46,24 @@ static void send_frame(pl_conn *c, uint8_t opcode, const void *payload, size_t l
     pl_buf_unref(b);
 }
 
-/* A reply to this client: {"event":E[,"topic":T][,"reason":R][,"data":D]} in its encoding.
- * Topics passed here are valid names, reasons and messages fixed strings: nothing to escape. */
-static void reply(pl_conn *c, const char *event, const char *topic, const char *reason,
-                  const char *message)
+/* A reply to this client: {"event":E[,"topic":T][,"reason":R][,"data":D][,"id":I]} in its
+ * encoding. Topics passed here are valid names, reasons and messages fixed strings, IDs made by
+ * us: nothing to escape. */
+static void reply_id(pl_conn *c, const char *event, const char *topic, const char *reason,
+                     const char *message, const char *id)
 {
     if (c->format == PL_FMT_WS_MSGPACK || c->format == PL_FMT_WS_MSGPACK_Z) {
         msgpack_sbuffer sb;
         msgpack_packer pk;
         msgpack_sbuffer_init(&sb);
         msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-        const char *keys[] = {"event", "topic", "reason", "data"};
-        const char *vals[] = {event, topic, reason, message};
+        const char *keys[] = {"event", "topic", "reason", "data", "id"};
+        const char *vals[] = {event, topic, reason, message, id};
         size_t n = 0;
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 5; i++)
             n += vals[i] != NULL;
         msgpack_pack_map(&pk, n);
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 5; i++) {
             if (!vals[i])
                 continue;
             msgpack_pack_str(&pk, strlen(keys[i]));
@@ -80,8 +83,27 @@ static void reply(pl_conn *c, const char *event, const char *topic, const char *
         n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"reason\":\"%s\"", reason);
     if (message)
         n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"data\":\"%s\"", message);
+    if (id)
+        n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"id\":\"%s\"", id);
     n += snprintf(out + n, sizeof(out) - (size_t)n, "}");
     send_frame(c, PL_WS_BINARY, out, (size_t)n);
+}
+
+static void reply(pl_conn *c, const char *event, const char *topic, const char *reason,
+                  const char *message)
+{
+    reply_id(c, event, topic, reason, message, NULL);
+}
+
+/* "subscribed" naming where subscription `k` starts (`from`, else the topic's position now),
+ * then the gap signal and catch-up that position needs. */
+static void start_subscription(pl_conn *c, uint16_t k, const pl_position *from)
+{
+    pl_topic *t = c->subscriber.subs[k].topic;
+    char id[PL_ID_MAX];
+    pl_position_format(id, from ? *from : (pl_position){t->epoch, t->seq});
+    reply_id(c, "subscribed", t->name, NULL, NULL, id);
+    pl_resume(c, k, from);
 }
 
 void pl_ws_close(pl_conn *c, uint16_t code, const char *reason)
@@ -264,6 +286,17 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
         pl_respond_text(c, status, "", err);
         return;
     }
+    pl_position pos[PL_CURSOR_MAX_POSITIONS];
+    int fit = pl_read_cursor(c, NULL, 0, query, qlen, pos, &err);
+    if (fit < -1) {
+        free(ws);
+        pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
+        pl_sync_topic_stats(p);
+        pl_respond_text(c, -fit, "", err);
+        return;
+    }
+    ws->tokens = (double)p->cfg.max_subscribes_per_sec;
+    ws->token_ms = uv_now(&p->loop);
     const char *extensions = pl_http_header(r, "sec-websocket-extensions", NULL);
     int deflate = extensions ? accept_deflate(extensions) : 0;
     ws->deflate = deflate != 0;
@@ -306,8 +339,15 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
     pl_list_push(&p->conns_stream, &c->link);
     PL_STAT_ADD(p, PUSHLET_STAT_WS_CONNECTIONS, 1);
     reply(c, "connected", NULL, NULL, "Connection established");
-    for (uint16_t i = 0; i < c->subscriber.nsubs; i++)
-        reply(c, "subscribed", c->subscriber.subs[i].topic->name, NULL, NULL);
+    for (uint16_t k = 0; k < c->subscriber.nsubs; k++) {
+        if (fit == 0) {
+            start_subscription(c, k, NULL);
+            PL_STAT_ADD(p, PUSHLET_STAT_RESUMES, 1);
+            pl_send_gap(c, k, "cursor_mismatch");
+        } else {
+            start_subscription(c, k, fit == 1 ? &pos[k] : NULL);
+        }
+    }
 }
 
 /* ---- Commands ------------------------------------------------------------------------------- */
@@ -325,6 +365,7 @@ int pl_ws_parse_command(const uint8_t *data, size_t len, pl_ws_command *cmd)
     }
     const char *action = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "action"));
     const char *topic = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "topic"));
+    const cJSON *since = cJSON_GetObjectItemCaseSensitive(root, "since");
     if (action && strcmp(action, "ping") == 0) {
         cmd->action = PL_WS_CMD_PING;
     } else if (action && strcmp(action, "subscribe") == 0) {
@@ -354,9 +395,37 @@ int pl_ws_parse_command(const uint8_t *data, size_t len, pl_ws_command *cmd)
             memcpy(cmd->topic, topic, cmd->topic_len + 1);
         }
     }
+    if (rc == 0 && cmd->action == PL_WS_CMD_SUBSCRIBE && since && !cJSON_IsNull(since)) {
+        const char *s = cJSON_GetStringValue(since);
+        int32_t check;
+        if (!s || pl_cursor_parse(s, strlen(s), &cmd->since, 1, &check) != 1 ||
+            check != PL_CURSOR_NO_CHECK) {
+            cmd->reason = "invalid_since";
+            cmd->detail = "since must be a message ID (EPOCH-SEQ)";
+            rc = -1;
+        } else {
+            cmd->has_since = true;
+        }
+    }
 done:
     cJSON_Delete(root);
     return rc;
+}
+
+/* A token bucket: max_subscribes_per_sec commands per second, bursts up to as many. */
+static bool take_token(pl_conn *c)
+{
+    pl_ws_conn *ws = c->ws;
+    double rate = (double)c->p->cfg.max_subscribes_per_sec;
+    uint64_t now = uv_now(&c->p->loop);
+    ws->tokens += (double)(now - ws->token_ms) * rate / 1000.0;
+    if (ws->tokens > rate)
+        ws->tokens = rate;
+    ws->token_ms = now;
+    if (ws->tokens < 1.0)
+        return false;
+    ws->tokens -= 1.0;
+    return true;
 }
 
 static void command(pl_conn *c, const uint8_t *data, size_t len)
@@ -364,7 +433,7 @@ static void command(pl_conn *c, const uint8_t *data, size_t len)
     pushlet_t *p = c->p;
     pl_ws_command cmd;
     if (pl_ws_parse_command(data, len, &cmd) != 0) {
-        reply(c, "error", NULL, cmd.reason, cmd.detail);
+        reply(c, "error", cmd.topic_len ? cmd.topic : NULL, cmd.reason, cmd.detail);
         return;
     }
     if (cmd.action == PL_WS_CMD_PING) {
@@ -372,17 +441,31 @@ static void command(pl_conn *c, const uint8_t *data, size_t len)
         return;
     }
     const char *topic = cmd.topic;
+    if (!take_token(c)) {
+        PL_STAT_ADD(p, PUSHLET_STAT_RATE_LIMITED, 1);
+        reply(c, "error", topic, "rate_limited", "too many subscribe commands: slow down");
+        return;
+    }
     if (cmd.action == PL_WS_CMD_SUBSCRIBE) {
         pl_topic *t = pl_topics_find(&p->topics, topic, cmd.topic_len);
-        bool already = false;
+        int k = -1;
         for (uint16_t i = 0; t && i < c->subscriber.nsubs; i++)
-            already |= c->subscriber.subs[i].topic == t;
-        if (!already && c->subscriber.nsubs >= p->cfg.max_topics_per_connection)
+            if (c->subscriber.subs[i].topic == t)
+                k = i;
+        if (k >= 0) {
+            /* Already subscribed (and live or catching up): nothing was missed. */
+            char id[PL_ID_MAX];
+            pl_position_format(id, (pl_position){t->epoch, c->subscriber.subs[k].seq});
+            reply_id(c, "subscribed", topic, NULL, NULL, id);
+        } else if (c->subscriber.nsubs >= p->cfg.max_topics_per_connection) {
+            PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
             reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");
-        else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) < 0)
+        } else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) < 0) {
             reply(c, "error", topic, "internal", "out of memory");
-        else
-            reply(c, "subscribed", topic, NULL, NULL);
+        } else {
+            start_subscription(c, (uint16_t)(c->subscriber.nsubs - 1),
+                               cmd.has_since ? &cmd.since : NULL);
+        }
     } else if (pl_topics_unsubscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) == 0) {
         reply(c, "unsubscribed", topic, NULL, NULL);
     } else {
@@ -419,6 +502,8 @@ static void compressed_command(pl_conn *c, uint8_t opcode, const uint8_t *data, 
     int code = pl_inflate_message(c->p->deflate, data, len, (size_t)c->p->cfg.max_message_size,
                                   &plain, &plain_len);
     if (code) {
+        if (code == 1009)
+            PL_STAT_ADD_SHARED(c->p, PUSHLET_STAT_OVERSIZE_REJECTED, 1);
         pl_ws_close(c, (uint16_t)code, code == 1009 ? "message too big" : "bad compressed data");
         return;
     }
@@ -478,6 +563,8 @@ void pl_ws_on_read(pl_conn *c, uint8_t *buf, size_t len)
         len -= used;
         if (rc == PL_WS_ERROR) {
             ws->failed = true; /* the parser's state means nothing any more */
+            if (ev.close_code == 1009)
+                PL_STAT_ADD_SHARED(c->p, PUSHLET_STAT_OVERSIZE_REJECTED, 1);
             if (!c->ending)
                 pl_ws_close(c, ev.close_code,
                             ev.close_code == 1009   ? "message too big"
@@ -507,6 +594,7 @@ void pl_ws_heartbeat(pl_conn *c)
     if (c->closing || c->ending)
         return;
     if (c->ws->awaiting_pong) {
+        PL_STAT_ADD(c->p, PUSHLET_STAT_TIMEOUTS, 1);
         pl_conn_close(c, "no pong to the last ping");
         return;
     }

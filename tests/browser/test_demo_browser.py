@@ -4,6 +4,7 @@ its EventSource connects to pushletd and a message published with curl shows up 
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -126,7 +127,7 @@ def publish(srv, topic, message):
                         f"{srv.base}/publish?topic={topic}", "-d", message],
                        capture_output=True, timeout=20)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["id"].isdigit(), r.stdout
+    assert re.fullmatch(r"[0-9a-z]+-[0-9]+", json.loads(r.stdout)["id"]), r.stdout
 
 
 def run_on_demo_page(srv, scenario):

@@ -239,6 +239,55 @@ class Server:
 # HTTP/1.1 responses
 
 
+ID_RE = re.compile(r"([0-9a-z]{1,13})-([0-9]{1,20})")
+
+
+def id_parts(mid: str) -> tuple:
+    """A message ID "EPOCH-SEQ" as (epoch, seq); the sequence is per topic."""
+    m = ID_RE.fullmatch(mid or "")
+    assert m, f"not a message ID (EPOCH-SEQ): {mid!r}"
+    return m.group(1), int(m.group(2))
+
+
+def id_seq(mid: str) -> int:
+    return id_parts(mid)[1]
+
+
+def parse_cursor(cursor: str) -> tuple:
+    """A multi-topic SSE cursor "E-s1.s2[.F-s3]~ck" as ([(epoch, seq), ...], check or None): one
+    position per topic of the stream, in the request's order; no epoch = the previous one's."""
+    body, _, check = cursor.partition("~")
+    positions, epoch = [], None
+    for part in body.split("."):
+        if "-" in part:
+            epoch, _, seq = part.partition("-")
+        else:
+            assert epoch is not None, f"first position without an epoch: {cursor!r}"
+            seq = part
+        assert re.fullmatch(r"[0-9a-z]{1,13}", epoch) and seq.isdigit(), cursor
+        positions.append((epoch, int(seq)))
+    assert check == "" or re.fullmatch(r"[0-9a-z]{4}", check), cursor
+    return positions, (check or None)
+
+
+class subscribed(dict):
+    """Equal to a WebSocket "subscribed" reply for `topic`: {"event","topic","id"}, where id is
+    the position the subscription starts at (a message ID)."""
+
+    def __init__(self, topic):
+        super().__init__(event="subscribed", topic=topic)
+
+    def __eq__(self, other):
+        return (isinstance(other, dict) and set(other) == {"event", "topic", "id"}
+                and other["event"] == "subscribed" and other["topic"] == self["topic"]
+                and isinstance(other["id"], str) and ID_RE.fullmatch(other["id"]) is not None)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = None
+
+
 @dataclass
 class Response:
     status: int
@@ -267,7 +316,7 @@ class Response:
         j = self.json()
         assert isinstance(j, dict) and "id" in j, f"expected {{\"id\": ...}}, got {self.body!r}"
         mid = j["id"]
-        assert isinstance(mid, str) and mid.isdigit(), f"id must be a decimal string, got {mid!r}"
+        assert isinstance(mid, str) and ID_RE.fullmatch(mid), f"id must be EPOCH-SEQ, got {mid!r}"
         return mid
 
     def wants_close(self) -> bool:
@@ -1050,7 +1099,7 @@ class RawWS(RawHTTP):
         assert out[0] == {"event": "connected", "data": "Connection established"}, out[0]
         for t in topics:
             j = self.recv_json(timeout)
-            assert j == {"event": "subscribed", "topic": t}, j
+            assert j == subscribed(t), j
             out.append(j)
         return out
 

@@ -59,10 +59,18 @@ def test_publish_answers_id_equal_to_sse_id_and_increasing(pushletd):
             body = json.loads(r.body)
             assert set(body) == {"id"}, body
             got.append((body["id"], f"ev{i % 3}", f"payload {i}"))
-        ids = [int(g[0]) for g in got]
-        assert ids == sorted(ids) and len(set(ids)) == 20, ids
+        for t in "ab":  # consecutive per topic
+            ids = [pl.id_seq(g[0]) for i, g in enumerate(got) if "ab"[i % 2] == t]
+            assert ids == list(range(ids[0], ids[0] + 10)), ids
         await s.wait_messages(20, 10)
-        assert [(e.id, e.event, e.data) for e in s.messages()] == got
+        msgs = s.messages()
+        assert [(e.event, e.data) for e in msgs] == [g[1:] for g in got]
+        # a stream of two topics: its id is a cursor holding the latest position of each
+        for i, e in enumerate(msgs):
+            positions, check = pl.parse_cursor(e.id)
+            assert check and positions[i % 2] == pl.id_parts(got[i][0]), (e.id, got[i])
+            if i:
+                assert positions[1 - i % 2] == pl.id_parts(got[i - 1][0]), (e.id, got[i - 1])
         await s.close()
         await c.close()
 

@@ -2,6 +2,7 @@
 bad request, request abandoned before its answer) release their resources."""
 
 import asyncio
+import json
 import os
 import socket
 import struct
@@ -83,18 +84,24 @@ def test_connection_churn_leaks_nothing(pushletd):
     assert srv.get("/healthz").status == 200
 
 
-def test_last_event_id_is_accepted(pushletd):
-    """Resume parameters are reserved: their presence must not break a subscription."""
+def test_malformed_resume_ids(pushletd):
+    """A Last-Event-ID that is no cursor (browsers send it by themselves) degrades to a gap and
+    live messages; a malformed ?last_event_id= is refused."""
     srv = pushletd()
 
     async def main():
         a = await AsyncSSE(srv.addr, events_path("r"), headers={"Last-Event-ID": "3"}).connect()
-        b = await AsyncSSE(srv.addr, events_path("r", last_event_id="7")).connect()
-        assert a.response.status == 200 and b.response.status == 200
+        assert a.response.status == 200
+        b = AsyncSSE(srv.addr, events_path("r", last_event_id="7"))
+        await b.connect(wait_connected=False)
+        assert b.response.status == 400
         mid = await asyncio.to_thread(srv.publish, "r", "after")
+        await a.wait_for(lambda s: any(e.id == mid for e in s.events), 10, "message")
+        gap, msg = a.messages()
+        assert (gap.event, json.loads(gap.data)) == (
+            "gap", {"topic": "r", "reason": "cursor_mismatch"})
+        assert msg.data == "after"
         for s in (a, b):
-            await s.wait_for(lambda s: any(e.id == mid for e in s.events), 10, "message")
-            assert s.messages()[-1].data == "after"
             await s.close()
 
     run_async(main(), 20)

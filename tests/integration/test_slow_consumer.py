@@ -56,9 +56,9 @@ def test_slow_consumer_dropped_others_get_everything_memory_bounded(pushletd):
             seq_s, _, pad = e.data.partition(":")
             if not seq_s.isdigit() or int(seq_s) != self.n or len(e.data) != MSG_SIZE:
                 self.errors.append(f"message {self.n}: got {e.data[:30]!r} ({len(e.data)} B)")
-            if int(e.id) <= self.last:
+            if pl.id_seq(e.id) <= self.last:
                 self.errors.append(f"id {e.id} after {self.last}")
-            self.last = int(e.id)
+            self.last = pl.id_seq(e.id)
             self.n += 1
             progress.set()
 

@@ -30,8 +30,12 @@ def test_several_topics_on_one_stream(pushletd):
         await s2.wait_for(lambda s: any(e.data == "end-y" for e in s.events), 10, "end-y")
         exp1 = [(i, d) for i, t, d in sent if t in "xyz"] + [(end, "end-x"), (end_y, "end-y")]
         exp2 = [(i, d) for i, t, d in sent if t == "y"] + [(end_y, "end-y")]
-        # exactly once each (a repeated topic= must not double-deliver), publish order
-        assert [(e.id, e.data) for e in s1.messages()] == exp1
+        # exactly once each (a repeated topic= must not double-deliver), publish order; the
+        # three-topic stream's ids are cursors (x, y, z positions), the one-topic stream's IDs
+        assert [e.data for e in s1.messages()] == [d for _, d in exp1]
+        for e, (mid, d) in zip(s1.messages(), exp1):
+            positions, check = pl.parse_cursor(e.id)
+            assert len(positions) == 3 and check and pl.id_parts(mid) in positions, (e.id, mid)
         assert [(e.id, e.data) for e in s2.messages()] == exp2
         assert all(e.event == "message" for e in s1.messages() + s2.messages())
         for s in (s1, s2, pub):
@@ -65,7 +69,7 @@ def test_1000_subscribers_each_get_1000_messages_in_order(pushletd):
             try:
                 _, k, j = e.data.split("-")
                 k, j = int(k), int(j)
-                i = int(e.id)
+                i = pl.id_seq(e.id)
             except (ValueError, TypeError):
                 self.errors.append(f"unexpected event {e!r}")
                 return
@@ -131,10 +135,10 @@ def test_1000_subscribers_each_get_1000_messages_in_order(pushletd):
         counts = [c.n for c in checkers]
         assert counts == [n_msg] * n_sub, f"message counts: min {min(counts)} max {max(counts)}"
         expected = hashlib.sha256()
-        for mid in sorted(published, key=int):
+        for mid in sorted(published, key=pl.id_seq):
             expected.update(f"{mid}|message|{published[mid]}\n".encode())
         assert all(c.ids == checkers[0].ids for c in checkers), "subscribers saw different orders"
-        assert checkers[0].ids.tolist() == sorted(int(m) for m in published)
+        assert checkers[0].ids.tolist() == sorted(pl.id_seq(m) for m in published)
         assert all(c.digest.digest() == expected.digest() for c in checkers), \
             "id -> data mapping differs from the /publish answers"
 
@@ -169,11 +173,16 @@ def test_publish_all_reaches_each_connection_exactly_once(pushletd):
             await s.wait_for(lambda s, topics=topics: all(
                 any(e.data == f"marker-{t}" for e in s.events) for t in topics), 10, "markers")
         for s, topics in want.items():
-            got = [(e.id, e.event, e.data) for e in s.messages()]
-            exp = sorted([(all_id, "announce", "hello-all"), (plain_id, "message", "plain-all")]
-                         + [(markers[t], "message", f"marker-{t}") for t in topics],
-                         key=lambda x: int(x[0]))
+            # publish order; publish-to-all events carry no id (not resumable)
+            got = [(e.event, e.data) for e in s.messages()]
+            exp = ([("announce", "hello-all"), ("message", "plain-all")]
+                   + [("message", f"marker-{t}") for t in ("t1", "t2", "t3", "default")
+                      if t in topics])
             assert got == exp, f"{s.path}: {got}"
+            assert [e.id for e in s.messages()[:2]] == [None, None], s.path
+            if len(topics) == 1:
+                assert s.messages()[2].id == markers[topics[0]]
+            assert pl.ID_RE.fullmatch(all_id) and pl.ID_RE.fullmatch(plain_id)
         await conn.close()
         for s in want:
             await s.close()

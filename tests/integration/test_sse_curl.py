@@ -110,8 +110,12 @@ def test_curl_two_topics_headers_preamble_ids_and_multiline(pushletd, curl_strea
     assert "chunked" not in (r.header("transfer-encoding") or "").lower(), \
         "SSE body must be close-delimited (no chunked encoding)"
 
-    # preamble, exactly as documented
-    assert c.parser.all_lines[:4] == ["retry: 3000", "event: connected",
+    # preamble, exactly as documented: the id is the stream's start cursor (a and b)
+    start = c.parser.all_lines[1]
+    assert start.startswith("id: "), c.parser.all_lines[:6]
+    start_pos, check = pl.parse_cursor(start[4:])
+    assert len(start_pos) == 2 and check, start
+    assert c.parser.all_lines[:5] == ["retry: 3000", start, "event: connected",
                                       "data: Connection established", ""], c.parser.all_lines[:6]
     assert c.parser.retries[:1] == [3000]
     assert c.events[0].event == "connected" and c.events[0].data == "Connection established"
@@ -138,9 +142,12 @@ def test_curl_two_topics_headers_preamble_ids_and_multiline(pushletd, curl_strea
     assert [m.data for m in msgs] == [
         "hello-a", "hello-b", "l1\nl2\nl3\nl4", "x\nid: 999\nevent: evil",
         "\n\nid: 5\ndata: forged\n\nretry: 1", "custom", "the-end"]
-    assert [m.id for m in msgs] == [p[0] for p in expected], "SSE id: must equal /publish id"
-    ids = [int(m.id) for m in msgs]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids), f"ids not increasing: {ids}"
+    # Two topics: each id: is the stream's cursor, the position of a and of b after this event.
+    last = {"a": start_pos[0], "b": start_pos[1]}
+    for m, (mid, topic, _) in zip(msgs, expected):
+        last[topic] = pl.id_parts(mid)
+        positions, ck = pl.parse_cursor(m.id)
+        assert positions == [last["a"], last["b"]] and ck == check, (m.id, mid, topic)
     assert [m.event for m in msgs] == ["message"] * 5 + ["my.event-1:x", "message"]
 
     # the exact field lines: no forged id:/event:/retry: lines, one data: line per line

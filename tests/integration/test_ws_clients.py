@@ -80,7 +80,7 @@ async def send_cmd(ws, action, topic=None, binary=False):
 async def handshake_done(ws, topics=(), fmt="json"):
     await expect_reply(ws, {"event": "connected", "data": "Connection established"}, fmt=fmt)
     for t in topics:
-        await expect_reply(ws, {"event": "subscribed", "topic": t}, fmt=fmt)
+        await expect_reply(ws, pl.subscribed(t), fmt=fmt)
 
 
 async def no_more_messages(ws, fmt="json"):
@@ -93,7 +93,7 @@ async def no_more_messages(ws, fmt="json"):
 def check_message(obj, topic, data, mid=None, event="message"):
     assert set(obj) == {"topic", "event", "data", "id", "timestamp"}, obj
     assert obj["topic"] == topic and obj["event"] == event and obj["data"] == data, obj
-    assert isinstance(obj["id"], str) and obj["id"].isdigit(), obj
+    assert isinstance(obj["id"], str) and pl.ID_RE.fullmatch(obj["id"]), obj
     if mid is not None:
         assert obj["id"] == mid, obj
     check_timestamp(obj["timestamp"])
@@ -119,7 +119,7 @@ def test_subscribe_unsubscribe_and_order(pushletd):
             await handshake_done(ws)
             for t in ("a", "b"):
                 await send_cmd(ws, "subscribe", t)
-                await expect_reply(ws, {"event": "subscribed", "topic": t})
+                await expect_reply(ws, pl.subscribed(t))
             pub = await AsyncHTTP(srv.addr).connect()
             sent = []
             for i in range(60):
@@ -130,8 +130,9 @@ def test_subscribe_unsubscribe_and_order(pushletd):
             got = [await recv_obj(ws) for _ in want]
             for obj, (t, data, mid, ev) in zip(got, want):
                 check_message(obj, t, data, mid, ev)
-            ids = [int(o["id"]) for o in got]
-            assert ids == sorted(ids) and len(set(ids)) == len(ids), ids
+            for t in "ab":  # sequences are per topic
+                ids = [pl.id_seq(o["id"]) for o in got if o["topic"] == t]
+                assert ids == list(range(ids[0], ids[0] + len(ids))), ids
             await no_more_messages(ws)   # nothing from "c", nothing twice
 
             # unsubscribe from "a": only "b" is delivered from now on
@@ -181,7 +182,7 @@ def test_initial_topics_from_query(pushletd):
             await no_more_messages(ws)
             # commands in binary frames work as well as in text frames
             await send_cmd(ws, "subscribe", "default", binary=True)
-            await expect_reply(ws, {"event": "subscribed", "topic": "default"})
+            await expect_reply(ws, pl.subscribed("default"))
             m = srv.publish("default", "now yes")
             check_message(await recv_obj(ws), "default", "now yes", m)
 
@@ -201,7 +202,7 @@ def test_fragmented_command_with_interleaved_ping(pushletd):
         assert (f.opcode, f.payload) == (OP_PONG, b"between fragments"), f
         c.send_frame(OP_CONT, parts[1], fin=False)
         c.send_frame(OP_CONT, parts[2], fin=True)
-        assert c.recv_json() == {"event": "subscribed", "topic": "frag"}
+        assert c.recv_json() == pl.subscribed("frag")
         mid = srv.publish("frag", "after fragments")
         check_message(c.recv_json(), "frag", "after fragments", mid)
         # the same in one TCP write, binary this time, with the pieces chopped to single bytes
@@ -342,7 +343,7 @@ def test_1000_ws_subscribers_each_get_1000_messages_in_order(pushletd):
             self.n += 1
             try:
                 _, k, j = obj["data"].split("-")
-                k, j, i = int(k), int(j), int(obj["id"])
+                k, j, i = int(k), int(j), pl.id_seq(obj["id"])
             except (ValueError, KeyError) as e:
                 self.errors.append(f"unexpected message {obj!r}: {e}")
                 return
@@ -448,9 +449,10 @@ def test_publish_all_reaches_ws_and_sse_exactly_once(pushletd):
             await no_more_messages(ws, fmt=f)
         for s in sses:
             await s.wait_for(lambda s: any(e.data == "sentinel" for e in s.events), 10 * S)
+            # publish-to-all events carry no SSE id: they do not move a stream's resume position
             assert [(e.id, e.event, e.data) for e in s.messages()] == [
-                (ids[0], "announce", "to everyone"), (ids[1], "announce", big),
-                (ids[2], "announce", "sentinel")]
+                (None, "announce", "to everyone"), (None, "announce", big),
+                (None, "announce", "sentinel")]
         for ws in wss:
             await ws.close()
         for s in sses:
@@ -684,7 +686,7 @@ def test_permessage_deflate_with_websockets(pushletd):
             # a long command: websockets compresses it (RSV1) and the server inflates it
             await ws.send(json.dumps({"action": "subscribe", "topic": "z2",
                                       "padding": "p" * 5000}))
-            await expect_reply(ws, {"event": "subscribed", "topic": "z2"})
+            await expect_reply(ws, pl.subscribed("z2"))
             datas = ["small", "large " * 2000, os.urandom(3000).hex(), "z" * 65536]
             ids = [srv.publish("z2" if i % 2 else "z", d) for i, d in enumerate(datas)]
             for i, (d, mid) in enumerate(zip(datas, ids)):
@@ -736,7 +738,7 @@ def test_unsubscribe_everything_then_disconnect_releases_all(pushletd):
             c.handshake_done(["q1"])
             for t in ("q2", "q3"):
                 c.send_cmd("subscribe", t, binary=binary)
-                assert c.recv_json() == {"event": "subscribed", "topic": t}
+                assert c.recv_json() == pl.subscribed(t)
             for t in ("q1", "q2", "q3"):
                 c.send_cmd("unsubscribe", t, binary=binary)
                 assert c.recv_json() == {"event": "unsubscribed", "topic": t}

@@ -14,9 +14,9 @@
 #include <string.h>
 #include <uv.h>
 
-#define PRODUCERS 8
-#define PER_PRODUCER 10000
-#define TOTAL (PRODUCERS * PER_PRODUCER)
+#define PRODUCERS       8
+#define PER_PRODUCER    10000
+#define TOTAL           (PRODUCERS * PER_PRODUCER)
 #define RUN_DEADLINE_MS 90000 /* TSan slows everything down; still bounded */
 
 static int passed, failed;
@@ -91,8 +91,9 @@ static void on_event(void *ud, const tu_event *ev)
         r->malformed++;
         return;
     }
-    /* IDs are one per-broker sequence and only this topic is published to: consecutive. */
-    uint64_t msg_id = strtoull(ev->id, NULL, 10);
+    /* IDs are EPOCH-SEQ, the sequence per topic: consecutive. */
+    const char *dash = strchr(ev->id, '-');
+    uint64_t msg_id = dash ? strtoull(dash + 1, NULL, 10) : 0;
     if (r->last_id && msg_id != r->last_id + 1)
         r->bad_ids++;
     r->last_id = msg_id;

@@ -27,6 +27,8 @@ static pushlet_t *new_broker(void)
     return p;
 }
 
+#define PL_TEST_EPOCH_MAX 16
+
 static int start(pushlet_t *p)
 {
     int rc = pushlet_start(p);
@@ -42,16 +44,23 @@ static void publish(pushlet_t *p, const char *topic, const char *data)
     cr_assert_eq(rc, 0, "publish %s: %s", data, pushlet_strerror(rc));
 }
 
-/* The next event on `c` must carry `data` (and `id` when not NULL). */
-static void expect_event(tu_client *c, const char *id, const char *event, const char *data)
+/* The next event on `c` must carry `data` (and, when `seq` is not NULL, an ID "EPOCH-SEQ" with
+ * that sequence number). */
+static void expect_event(tu_client *c, const char *seq, const char *event, const char *data)
 {
     tu_event ev;
     int rc = tu_client_next(c, &ev, WAIT_MS);
     cr_assert_eq(rc, 1, "no event (want data %s): %s", data, rc == 0 ? "EOF" : "timeout");
     cr_assert_str_eq(ev.data, data);
     cr_assert_str_eq(ev.event, event);
-    if (id)
-        cr_assert_str_eq(ev.id, id, "event %s", data);
+    if (seq) {
+        const char *dash = ev.id ? strchr(ev.id, '-') : NULL;
+        cr_assert(dash && dash > ev.id &&
+                      strspn(ev.id, "0123456789abcdefghijklmnopqrstuvwxyz") ==
+                          (size_t)(dash - ev.id),
+                  "event %s: id %s is not EPOCH-SEQ", data, ev.id ? ev.id : "(none)");
+        cr_assert_str_eq(dash + 1, seq, "event %s", data);
+    }
     tu_event_clear(&ev);
 }
 
@@ -258,16 +267,16 @@ Test(broker, delivery_by_topic_and_to_all)
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_TOPICS), 2);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_SUBSCRIPTIONS), 2);
 
-    /* IDs are one sequence per broker: b's first message is 2. */
+    /* Sequences are per topic; publish-to-all events carry no id (they are not resumable). */
     publish(p, "room/a", "for a");
     publish(p, "room/b", "for b\nsecond line");
     cr_assert_eq(pushlet_publish(p, "room/a", "custom-ev", "typed", 5), 0);
     cr_assert_eq(pushlet_publish_all(p, "note", "everyone", 8), 0);
     expect_event(&a, "1", "message", "for a");
-    expect_event(&a, "3", "custom-ev", "typed");
-    expect_event(&a, "4", "note", "everyone");
-    expect_event(&b, "2", "message", "for b\nsecond line");
-    expect_event(&b, "4", "note", "everyone");
+    expect_event(&a, "2", "custom-ev", "typed");
+    expect_event(&a, NULL, "note", "everyone");
+    expect_event(&b, "1", "message", "for b\nsecond line");
+    expect_event(&b, NULL, "note", "everyone");
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_MESSAGES_IN), 4);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_MESSAGES_OUT), 5);
 
@@ -280,7 +289,7 @@ Test(broker, delivery_by_topic_and_to_all)
  * the stop arrives. Everything accepted before pushlet_stop() must still reach the stream before
  * it ends. Large messages make the loop's encoding slower than the publishing, so the stop
  * usually lands mid-batch; a reader thread keeps the socket drained meanwhile. */
-#define STOP_MSGS 200
+#define STOP_MSGS     200
 #define STOP_MSG_SIZE 16384
 
 static void reader_main(void *arg)
@@ -299,7 +308,6 @@ Test(broker, stop_delivers_what_was_published_before_it, .timeout = 60)
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_MAX_OUTPUT_BYTES, 64 << 20), 0);
     char *data = malloc(STOP_MSG_SIZE);
     memset(data, 'x', STOP_MSG_SIZE);
-    int next_id = 1;
     for (int round = 0; round < 10; round++) { /* each round loses with p ~ 0.3 when buggy */
         int port = start(p);
         tu_client c;
@@ -325,11 +333,11 @@ Test(broker, stop_delivers_what_was_published_before_it, .timeout = 60)
             cr_assert_eq(tu_client_next(&c, &ev, 0), 1);
             char prefix[32], id[16];
             snprintf(prefix, sizeof(prefix), "%d.%d:x", round, i);
-            snprintf(id, sizeof(id), "%d", next_id++);
+            snprintf(id, sizeof(id), "%d", i + 1); /* each run has its own epoch */
             cr_assert_eq(ev.data_len, STOP_MSG_SIZE);
             cr_assert(strncmp(ev.data, prefix, strlen(prefix)) == 0, "round %d: message %d", round,
                       i);
-            cr_assert_str_eq(ev.id, id);
+            cr_assert_str_eq(strchr(ev.id, '-') + 1, id);
             tu_event_clear(&ev);
         }
         tu_client_close(&c);
@@ -341,6 +349,7 @@ Test(broker, stop_delivers_what_was_published_before_it, .timeout = 60)
 Test(broker, stop_start_stop_again)
 {
     pushlet_t *p = new_broker();
+    char epoch[3][PL_TEST_EPOCH_MAX] = {{0}};
     for (int round = 0; round < 3; round++) {
         int port = start(p);
         tu_client c;
@@ -348,10 +357,16 @@ Test(broker, stop_start_stop_again)
         char data[32];
         snprintf(data, sizeof(data), "round %d", round);
         publish(p, "t", data);
-        /* IDs keep increasing across stop/start (docs/ARCHITECTURE.md, "Message IDs"). */
-        char id[8];
-        snprintf(id, sizeof(id), "%d", round + 1);
-        expect_event(&c, id, "message", data);
+        /* Each run has a new epoch (history does not survive a stop), so no ID repeats. */
+        tu_event ev;
+        cr_assert_eq(tu_client_next(&c, &ev, WAIT_MS), 1);
+        cr_assert_str_eq(ev.data, data);
+        const char *dash = strchr(ev.id, '-');
+        cr_assert(dash && dash - ev.id < PL_TEST_EPOCH_MAX && strcmp(dash, "-1") == 0, "%s", ev.id);
+        memcpy(epoch[round], ev.id, (size_t)(dash - ev.id));
+        for (int k = 0; k < round; k++)
+            cr_assert_str_neq(epoch[k], epoch[round], "round %d reuses an epoch", round);
+        tu_event_clear(&ev);
         cr_assert_eq(pushlet_stop(p), 0, "round %d", round);
         cr_assert(tu_client_wait_eof(&c, WAIT_MS), "round %d: stream not ended", round);
         tu_client_close(&c);
@@ -560,12 +575,12 @@ Test(broker, three_brokers_independent, .timeout = 60)
     publish(b[2], "t", "C4");
     publish(b[1], "t", "B-again");
     expect_event(&c[2], "4", "message", "C4");
-    expect_event(&c[1], "3", "message", "B-again"); /* B's IDs go on */
+    expect_event(&c[1], "1", "message", "B-again"); /* a new run: a new epoch */
 
     cr_assert_eq(pushlet_stop(b[2]), 0);
     cr_assert(tu_client_wait_eof(&c[2], WAIT_MS));
     publish(b[1], "t", "B-last");
-    expect_event(&c[1], "4", "message", "B-last");
+    expect_event(&c[1], "2", "message", "B-last");
     cr_assert_eq(pushlet_stop(b[1]), 0);
     tu_client_close(&c[1]);
     tu_client_close(&c[2]);
