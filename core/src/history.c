@@ -75,7 +75,7 @@ int pl_cursor_for(const pl_conn *c, const char *s, size_t len, pl_position *out)
 /* "id: CURSOR\n" for a multi-topic SSE stream, as its subscriptions stand. */
 static pl_buf *cursor_line(const pl_conn *c)
 {
-    char cursor[PL_CURSOR_MAX_POSITIONS * 22 + 8];
+    char cursor[PL_CURSOR_MAX_POSITIONS * PL_ID_MAX + 8];
     size_t n = pl_conn_cursor(c, cursor, sizeof(cursor));
     pl_buf *b = pl_buf_new(4 + n + 1);
     if (b) {
@@ -89,11 +89,12 @@ static pl_buf *cursor_line(const pl_conn *c)
 /* ---- Delivery ------------------------------------------------------------------------------- */
 
 /* Queues `b` (message `seq` of subscription `s`) with the cursor line a multi-topic SSE stream
- * puts in front. */
+ * puts in front. Only those streams track live positions per subscription (the fan-out then
+ * touches nothing but the connection); catching up tracks its own. */
 static void queue(pl_conn *c, pl_sub *s, uint64_t seq, pl_buf *b)
 {
-    s->seq = seq;
     if (c->format == PL_FMT_SSE_BODY) {
+        s->seq = seq;
         pl_buf *line = cursor_line(c);
         if (!line) {
             pl_conn_close(c, "out of memory");
@@ -234,6 +235,7 @@ static bool feed(pl_conn *c)
             }
             if (!pl_conn_fits(c, b->len + (c->format == PL_FMT_SSE_BODY ? 64 : 0), room))
                 return false; /* resumed by pl_conn's consume() once output drains */
+            s->seq = m->seq;
             queue(c, s, m->seq, b);
             PL_STAT_ADD(p, PUSHLET_STAT_REPLAYED, 1);
             PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, 1);

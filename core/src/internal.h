@@ -79,7 +79,7 @@ typedef enum {
     PL_FMT_COUNT
 } pl_format;
 
-#define PL_ID_MAX 32 /* "EPOCH-SEQ": 13 base-36 digits, '-', 20 decimal digits, NUL */
+#define PL_ID_MAX 40 /* "EPOCH-SEQ": up to 13 base-36 digits, "-", 20 decimal digits, NUL */
 
 /* A published message: created (and its strings copied) by the publishing thread, handed to the
  * loop through the inbox, then owned by the loop. Encoded lazily, once per wire format. */
@@ -185,7 +185,8 @@ struct pl_topic {
 typedef struct pl_sub {
     pl_topic *topic;
     uint32_t index; /* position in topic->subs */
-    uint64_t seq;   /* the last sequence number queued to this subscriber (or its start) */
+    uint64_t seq;   /* the last sequence number queued while catching up, or on a multi-topic SSE
+                       stream (whose cursor names it); else its start */
 } pl_sub;
 
 /* Embedded in whatever subscribes (a connection). */

@@ -218,7 +218,7 @@ static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen
     /* The connected event names where the stream starts: the client's own cursor when it
      * resumes (so a drop before the replay resumes from there again), none when its cursor
      * does not fit (a reconnect then reports the mismatch again), else the current positions. */
-    char cursor[PL_CURSOR_MAX_POSITIONS * 22 + 8] = "";
+    char cursor[PL_CURSOR_MAX_POSITIONS * PL_ID_MAX + 8] = "";
     size_t n = 0;
     if (fit == 1)
         n = pl_cursor_format(cursor, sizeof(cursor), pos, c->subscriber.nsubs,

@@ -454,8 +454,10 @@ static void command(pl_conn *c, const uint8_t *data, size_t len)
                 k = i;
         if (k >= 0) {
             /* Already subscribed (and live or catching up): nothing was missed. */
+            const pl_sub *s = &c->subscriber.subs[k];
+            bool live = t->subs[s->index].state == PL_SUB_LIVE;
             char id[PL_ID_MAX];
-            pl_position_format(id, (pl_position){t->epoch, c->subscriber.subs[k].seq});
+            pl_position_format(id, (pl_position){t->epoch, live ? t->seq : s->seq});
             reply_id(c, "subscribed", topic, NULL, NULL, id);
         } else if (c->subscriber.nsubs >= p->cfg.max_topics_per_connection) {
             PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
