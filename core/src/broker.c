@@ -48,11 +48,8 @@ void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX])
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_IN, 1);
     int64_t delivered = 0;
     pl_topic *t = NULL;
-    if (!m->to_all) {
-        t = pl_topics_find(&p->topics, m->topic, m->topic_len);
-        if (!t && pl_history_wanted(p, m->topic, m->topic_len))
-            t = pl_topics_get(&p->topics, m->topic, m->topic_len); /* starts at the counter */
-    }
+    if (!m->to_all) /* every topic message goes through a record: dense sequences */
+        t = pl_topics_get(&p->topics, m->topic, m->topic_len);
     p->counter++;
     if (m->to_all) {
         m->seq = p->counter;
@@ -60,8 +57,8 @@ void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX])
         for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
             delivered += deliver_to_all(m, pl_container_of(l, pl_conn, link));
     } else {
-        /* Without a record (nothing subscribed, nothing kept) the broker-wide counter still
-         * gives a position no later record of the topic will reuse. */
+        /* Without a record (out of memory) the broker-wide counter still gives a position no
+         * later record of the topic reuses. */
         m->seq = t ? ++t->seq : p->counter;
         m->id_len =
             (uint8_t)pl_position_format(m->id, (pl_position){t ? t->epoch : p->epoch, m->seq});
@@ -76,9 +73,8 @@ void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX])
         memcpy(id, m->id, (size_t)m->id_len + 1);
     if (t) {
         pl_history_keep(p, t, m);
-        pl_history_trim(p, false);
-        if (!t->kept && !t->nsubs)
-            pl_topics_release(&p->topics, t);
+        pl_topics_release(&p->topics, t); /* when nothing holds it */
+        pl_history_trim(p, false);        /* may free topics, t among them */
     }
     pl_msg_unref(m);
 }
@@ -251,7 +247,11 @@ static void release_loop_state(pushlet_t *p)
     pl_deflate_free(p->deflate);
     p->deflate = NULL;
     pl_history_clear(p);
+    p->topics.on_drop = NULL;
     pl_topics_destroy(&p->topics);
+    free(p->tomb_hash);
+    free(p->tomb_seq);
+    p->tomb_hash = p->tomb_seq = NULL;
     pl_history_rules_free(p->rules, p->nrules);
     p->rules = NULL;
     p->nrules = 0;
@@ -312,6 +312,9 @@ int pl_broker_start(pushlet_t *p)
     p->refill = NULL;
     pl_topics_init(&p->topics);
     p->topics.on_new = pl_history_topic_init;
+    p->topics.on_drop = pl_history_topic_dropped;
+    p->tomb_hash = calloc(PL_TOMBSTONES, sizeof(uint64_t));
+    p->tomb_seq = calloc(PL_TOMBSTONES, sizeof(uint64_t));
     p->topics.ctx = p;
     /* A new epoch every run: history is in memory and does not survive a stop. */
     uint64_t epoch = 0;
@@ -327,7 +330,8 @@ int pl_broker_start(pushlet_t *p)
     p->sse_heartbeat = pl_buf_from(": heartbeat\n\n", 13);
     p->ws_ping = pl_buf_from("\x89\x00", 2); /* an empty ping frame, shared by all */
     int rc = 0;
-    if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat || !p->ws_ping)
+    if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat || !p->ws_ping || !p->tomb_hash ||
+        !p->tomb_seq)
         rc = PUSHLET_ENOMEM;
     if (!rc &&
         (uv_tcp_init(&p->loop, &p->listener) != 0 ||

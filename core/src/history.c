@@ -167,6 +167,7 @@ void pl_resume(pl_conn *c, uint16_t k, const pl_position *from)
         s->seq = oldest_seq(t) - 1;
     } else if (from->seq > t->seq) {
         gap = "unknown_position";
+        s->seq = oldest_seq(t) - 1;
     } else if (from->seq + 1 < oldest_seq(t)) {
         gap = "history_expired";
         s->seq = oldest_seq(t) - 1;
@@ -281,21 +282,34 @@ static void bounds_for(const pushlet_t *p, const char *name, size_t len, uint32_
     }
 }
 
-bool pl_history_wanted(const pushlet_t *p, const char *name, size_t len)
+static uint64_t name_hash64(const char *s, size_t len)
 {
-    uint32_t keep_max;
-    int64_t keep_age_ms;
-    bounds_for(p, name, len, &keep_max, &keep_age_ms);
-    return keep_max > 0 && keep_age_ms > 0 && p->cfg.history_max_bytes > 0;
+    uint64_t h = 14695981039346656037u; /* FNV-1a, 64 bits */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)s[i]) * 1099511628211u;
+    return h | 1; /* 0 marks an empty tombstone */
+}
+
+void pl_history_topic_dropped(void *ctx, pl_topic *t)
+{
+    pushlet_t *p = ctx;
+    uint64_t h = name_hash64(t->name, t->name_len);
+    p->tomb_hash[h & (PL_TOMBSTONES - 1)] = h;
+    p->tomb_seq[h & (PL_TOMBSTONES - 1)] = t->seq;
 }
 
 void pl_history_topic_init(void *ctx, pl_topic *t)
 {
     pushlet_t *p = ctx;
-    /* Above every sequence number issued in this run: a topic coming back after its record was
-     * dropped can never reuse a position a client may hold. */
+    /* A topic dropped earlier in this run continues its sequence from its tombstone. Without
+     * one (never seen, or its tombstone was reused) it starts above every sequence number
+     * issued in this run, so it can never reuse a position a client may hold: such a client
+     * gets a (conservative) history_expired gap. */
+    uint64_t h = name_hash64(t->name, t->name_len);
+    size_t slot = h & (PL_TOMBSTONES - 1);
     t->epoch = p->epoch;
-    t->seq = p->counter;
+    t->seq = p->tomb_hash[slot] == h ? p->tomb_seq[slot] : p->counter;
+    p->tomb_hash[slot] = 0;
     bounds_for(p, t->name, t->name_len, &t->keep_max, &t->keep_age_ms);
 }
 

@@ -202,6 +202,7 @@ typedef struct pl_topics {
     uint64_t subscriptions;
     /* Called for each new topic (sets its position and history bounds); may be NULL. */
     void (*on_new)(void *ctx, pl_topic *tp);
+    void (*on_drop)(void *ctx, pl_topic *tp); /* just before a topic is freed */
     void *ctx;
 } pl_topics;
 
@@ -512,8 +513,8 @@ void pl_history_keep(pushlet_t *p, pl_topic *t, pl_msg *m) PL_HIDDEN;
 void pl_history_trim(pushlet_t *p, bool by_age) PL_HIDDEN;
 void pl_history_clear(pushlet_t *p) PL_HIDDEN; /* at stop */
 void pl_history_topic_init(void *ctx, pl_topic *t) PL_HIDDEN;
-/* Whether messages of this topic are kept (its bounds, from the options and rules). */
-bool pl_history_wanted(const pushlet_t *p, const char *name, size_t len) PL_HIDDEN;
+void pl_history_topic_dropped(void *ctx, pl_topic *t) PL_HIDDEN;
+#define PL_TOMBSTONES 8192 /* a power of two */
 /* Feeds connections catching up from history; run once per loop turn before writing. */
 void pl_catch_up(pushlet_t *p) PL_HIDDEN;
 void pl_catch_up_queue(pl_conn *c) PL_HIDDEN;
@@ -605,6 +606,9 @@ struct pushlet {
     uint64_t kept_bytes, kept_count;
     pl_history_rule *rules;
     int nrules;
+    /* The last sequence number of recently dropped topics (direct-mapped by a 64-bit name
+     * hash), so a topic that comes back continues where it stopped instead of jumping ahead. */
+    uint64_t *tomb_hash, *tomb_seq;
     pl_conn *refill;       /* connections waiting for room to catch up */
     uv_idle_t refill_idle; /* keeps the loop turning while some are queued */
     pl_link conns_http, conns_stream;

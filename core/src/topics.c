@@ -206,6 +206,8 @@ void pl_topics_release(pl_topics *t, pl_topic *tp)
 {
     if (tp->nsubs > 0 || tp->kept > 0)
         return;
+    if (t->on_drop)
+        t->on_drop(t->ctx, tp);
     remove_slot(t, probe(t, tp->name, tp->name_len, tp->hash));
     free(tp->subs);
     free(tp->ring);
