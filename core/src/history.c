@@ -194,14 +194,26 @@ void pl_catch_up_queue(pl_conn *c)
     c->p->refill = c;
 }
 
-/* A kept message in `format`; an encoding made now counts against the history budget. */
+static uint32_t encoded_bytes(const pl_msg *m)
+{
+    uint32_t n = 0;
+    for (int f = 0; f < PL_FMT_COUNT; f++)
+        n += m->enc[f] ? m->enc[f]->len : 0;
+    return n;
+}
+
+/* A kept message in `format`; encodings made now (a compressed one also makes its plain one)
+ * count against the history budget. */
 static pl_buf *encode_kept(pushlet_t *p, pl_msg *m, int format)
 {
-    bool had = m->enc[format] != NULL;
+    if (m->enc[format])
+        return m->enc[format];
+    uint32_t before = encoded_bytes(m);
     pl_buf *b = pl_msg_encode(m, format, p->deflate);
-    if (b && !had && m->topic_rec) {
-        m->kept_bytes += b->len;
-        p->kept_bytes += b->len;
+    if (m->topic_rec) {
+        uint32_t added = encoded_bytes(m) - before;
+        m->kept_bytes += added;
+        p->kept_bytes += added;
     }
     return b;
 }
@@ -364,9 +376,8 @@ void pl_history_keep(pushlet_t *p, pl_topic *t, pl_msg *m)
     t->ring[(t->ring_head + t->kept) & (t->ring_cap - 1)] = pl_msg_ref(m);
     if (t->kept++ == 0)
         pl_list_push(&p->history_topics, &t->with_history);
-    size_t bytes = sizeof(*m) + sizeof(m) + m->topic_len + m->event_len + m->data_len + 3;
-    for (int f = 0; f < PL_FMT_COUNT; f++)
-        bytes += m->enc[f] ? m->enc[f]->len : 0;
+    size_t bytes =
+        sizeof(*m) + sizeof(m) + m->topic_len + m->event_len + m->data_len + 3 + encoded_bytes(m);
     m->topic_rec = t;
     m->kept_at = uv_now(&p->loop);
     m->kept_bytes = (uint32_t)bytes;
