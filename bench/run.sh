@@ -567,6 +567,35 @@ transport_table() {
     transport_row e "server RSS per connection, KiB" rss_per_conn_bytes kb
 }
 
+# The soak: 20,000 connections opened and dropped every way while publishing; the server must
+# give back every fd and its memory (tests/soak/churn.py, also part of `make test`).
+run_soak() {
+    local n=20000
+    [ "$QUICK" = 1 ] && n=2000
+    if /usr/bin/python3 "$ROOT/tests/soak/churn.py" --pushletd "$PUSHLETD" --connections "$n" \
+        > "$WORK/soak.txt" 2>&1; then
+        SOAK_RESULT=PASS
+    else
+        SOAK_RESULT=FAIL
+        FAILED=1
+        tail -20 "$WORK/soak.txt" >&2
+    fi
+}
+
+soak_section() {
+    echo "## Soak: connection churn"
+    echo
+    echo "\`tests/soak/churn.py\` against the same pushletd (not pinned, sharing both cores with"
+    echo "its clients): RSS and open fds before the churn (after a warm-up), at the peak, and after"
+    echo "every connection is gone. Result: **$SOAK_RESULT**. What each kind of connection does:"
+    echo "\`tests/soak/README.md\`."
+    echo
+    echo '```'
+    sed -n '/^figures/,/^  \/stats after/p' "$WORK/soak.txt"
+    echo '```'
+    echo
+}
+
 write_report() {
     {
         echo "# Benchmarks: pushletd vs nginx + nchan"
@@ -623,6 +652,7 @@ write_report() {
             echo
             scenario_sections WS_SCENARIOS
         fi
+        soak_section
         cat "$ROOT/bench/METHOD.md"
         echo
         echo "## Raw results (one JSON line per run)"
@@ -634,6 +664,7 @@ write_report() {
     mv "$OUT.tmp" "$OUT"
 }
 
+run_soak
 write_report
 echo "run.sh: report written to $OUT (${ELAPSED} s)" >&2
 
