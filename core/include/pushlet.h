@@ -109,6 +109,10 @@ typedef enum {
                                      PATTERN=COUNT[:AGE_MS], first match wins; PATTERN is a topic
                                      name, or a prefix followed by an asterisk; e.g. the rule
                                      ticker=0 keeps no history for topic "ticker" */
+    PUSHLET_OPT_METRICS_PATH = 112,     /* Prometheus text metrics; default "/metrics" */
+    PUSHLET_OPT_JWT_SECRET = 113,       /* when set, SSE and WebSocket clients need an HS256 token
+                                         (Authorization: Bearer, or ?token=): `sub` is the user id,
+                                         a `topics` claim (names, "prefix*") limits subscriptions */
 } pushlet_option_t;
 
 /** Values of PUSHLET_OPT_SLOW_CONSUMER_POLICY: what happens to a connection whose unsent output
@@ -145,6 +149,7 @@ typedef enum {
     PUSHLET_STAT_OVERSIZE_REJECTED = 21,   /* messages, bodies or frames over a size limit */
     PUSHLET_STAT_TIMEOUTS = 22,            /* connections closed by a header/idle/close timeout */
     PUSHLET_STAT_SLOW_CONSUMER_LAGS = 23,  /* times a connection fell behind (drop_oldest) */
+    PUSHLET_STAT_AUTH_DENIED = 24,         /* connections (401) and subscriptions (403) refused */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 
@@ -231,6 +236,11 @@ PUSHLET_EXTERN int pushlet_publish_all(pushlet_t *p, const char *event, const ch
 
 /** Read a counter or gauge; -1 for an unknown one. Thread: any. */
 PUSHLET_EXTERN int64_t pushlet_stat(const pushlet_t *p, pushlet_stat_t which);
+
+/** Every counter and gauge in the Prometheus text format (version 0.0.4), NUL-terminated in
+ *  `buf` when it fits. Returns the length of the whole text (call with cap 0 to size a buffer),
+ *  or a negative error. Thread: any. (GET /metrics adds the busiest topics' figures.) */
+PUSHLET_EXTERN int pushlet_metrics(pushlet_t *p, char *buf, size_t cap);
 
 /* ---- Pull queue: the alternative to every callback ---------------------------------------- */
 

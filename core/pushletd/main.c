@@ -61,6 +61,9 @@ static const flag flags[] = {
      "HTTP publish body bytes, else 413 (default 3 x max-message-size + 1024)"},
     {"close-timeout", KIND_SECONDS, PUSHLET_OPT_CLOSE_TIMEOUT_MS,
      "linger after an error answer / wait for a WebSocket close reply (default 2)"},
+    {"jwt-secret", KIND_STR, PUSHLET_OPT_JWT_SECRET,
+     "require an HS256 token signed with this secret from SSE and WebSocket clients "
+     "(Authorization: Bearer or ?token=)"},
     {"retry", KIND_SECONDS, PUSHLET_OPT_RETRY_MS,
      "reconnect delay suggested to EventSource clients (default 3)"},
 };

@@ -383,6 +383,7 @@ static void on_close(uv_handle_t *h)
     free(c->out);
     pl_http_req_free(c->req);
     pl_ws_free(c);
+    pl_auth_free(c);
     if (c->rejected)
         p->nrejecting--;
     free(c);

@@ -440,10 +440,11 @@ typedef struct pl_conn {
     uint8_t kind;      /* pl_conn_kind */
     uint8_t format;    /* pl_format of the messages it receives */
     bool dirty, writing, closing, ending, shut, keep_alive, http10;
-    bool head_req;    /* the request being answered is HEAD: headers only */
-    bool peer_done;   /* the peer half-closed: no linger needed once our answers are out */
-    bool rejected;    /* answered 503 at accept (counted in p->nrejecting) */
-    bool catching_up; /* some subscription is fed from history (history.c) */
+    bool head_req;  /* the request being answered is HEAD: headers only */
+    bool peer_done; /* the peer half-closed: no linger needed once our answers are out */
+    bool rejected;  /* answered 503 at accept (counted in p->nrejecting) */
+    struct pl_jwt_claims *auth; /* a verified token's claims (auth.c), when required */
+    bool catching_up;           /* some subscription is fed from history (history.c) */
     bool refill_queued;
     struct pl_conn *next_refill;
 } pl_conn;
@@ -519,6 +520,16 @@ void pl_history_topic_dropped(void *ctx, pl_topic *t) PL_HIDDEN;
 void pl_catch_up(pushlet_t *p) PL_HIDDEN;
 void pl_catch_up_queue(pl_conn *c) PL_HIDDEN;
 
+/* ---- Authorisation (auth.c) ----------------------------------------------------------------- */
+
+/* Before a stream starts or an upgrade completes: 0 = allowed (the token's claims kept on `c`),
+ * else the HTTP status to answer (401, 503) with `*err` set. */
+int pl_auth_connection(pl_conn *c, const pl_http_req *r, const char *query, size_t qlen,
+                       const char **err) PL_HIDDEN;
+/* May `c` subscribe to this topic? (Counts a refusal.) */
+bool pl_auth_topic(pl_conn *c, const char *topic, size_t len) PL_HIDDEN;
+void pl_auth_free(pl_conn *c) PL_HIDDEN;
+
 /* ---- Routing (router.c) -------------------------------------------------------------------- */
 
 /* A complete request arrived on `c`; answers it or turns the connection into a stream. */
@@ -541,6 +552,8 @@ int pl_read_cursor(pl_conn *c, const char *header, size_t header_len, const char
                    size_t qlen, pl_position *pos, const char **err) PL_HIDDEN;
 /* Starts every subscription of `c` as pl_read_cursor() found (a gap each when 0). */
 void pl_resume_all(pl_conn *c, int fit, const pl_position *pos) PL_HIDDEN;
+/* The Prometheus text for GET /metrics (metrics.c); NULL when out of memory. */
+pl_buf *pl_metrics_render(pushlet_t *p) PL_HIDDEN;
 /* Keeps the gauges in step with the topic registry. */
 void pl_sync_topic_stats(pushlet_t *p) PL_HIDDEN;
 /* Finds `key` in a query string or form body; its decoded value goes to a new buffer that the
@@ -558,7 +571,8 @@ typedef struct pl_config {
     int64_t history_size, history_age_ms, history_max_bytes, slow_consumer_policy;
     int64_t max_subscribes_per_sec, max_body_size, close_timeout_ms;
     char *sse_path, *ws_path, *publish_path, *publish_all_path, *send_path, *stats_path,
-        *health_path, *cors_origin, *publish_secret, *index_html, *ws_origins, *history_rules;
+        *health_path, *cors_origin, *publish_secret, *index_html, *ws_origins, *history_rules,
+        *jwt_secret, *metrics_path;
     char host[64];
     int port;
 } pl_config;

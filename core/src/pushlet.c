@@ -96,6 +96,8 @@ static const str_option str_options[] = {
     STR_OPT(PUSHLET_OPT_INDEX_HTML, index_html, "", false),
     STR_OPT(PUSHLET_OPT_WS_ORIGINS, ws_origins, "", false),
     STR_OPT(PUSHLET_OPT_HISTORY_RULES, history_rules, "", false),
+    STR_OPT(PUSHLET_OPT_METRICS_PATH, metrics_path, "/metrics", true),
+    STR_OPT(PUSHLET_OPT_JWT_SECRET, jwt_secret, "", false),
 };
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))

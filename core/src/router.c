@@ -121,6 +121,10 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
             *err = "invalid topic name";
             return 400;
         }
+        if (!pl_auth_topic(c, val, vlen)) {
+            *err = "topic not allowed";
+            return 403;
+        }
         bool repeated = false;
         for (size_t i = 0; i < n && !repeated; i++)
             repeated = lens[i] == vlen && memcmp(topics[i], val, vlen) == 0;
@@ -135,6 +139,10 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
         lens[n++] = vlen;
     }
     if (n == 0 && use_default) {
+        if (!pl_auth_topic(c, "default", 7)) {
+            *err = "topic not allowed";
+            return 403;
+        }
         memcpy(topics[0], "default", 8);
         lens[n++] = 7;
     }
@@ -193,7 +201,12 @@ static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen
 {
     pushlet_t *p = c->p;
     const char *err;
-    int status = pl_subscribe_query(c, query, qlen, true, &err);
+    int status = pl_auth_connection(c, r, query, qlen, &err);
+    if (status) {
+        pl_respond_text(c, status, status == 401 ? "WWW-Authenticate: Bearer\r\n" : "", err);
+        return;
+    }
+    status = pl_subscribe_query(c, query, qlen, true, &err);
     if (status) {
         pl_respond_text(c, status, "", err);
         return;
@@ -368,6 +381,7 @@ static void handle_stats(pl_conn *c, bool head_only)
         "oversize_rejected",
         "timeouts",
         "slow_consumer_lags",
+        "auth_denied",
     };
     char body[2048];
     size_t n = 0;
@@ -377,6 +391,18 @@ static void handle_stats(pl_conn *c, bool head_only)
                               names[i], pushlet_stat(c->p, (pushlet_stat_t)i));
     n += (size_t)snprintf(body + n, sizeof(body) - n, "}\n");
     pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", body, n, head_only);
+}
+
+static void handle_metrics(pl_conn *c, bool head_only)
+{
+    pl_buf *b = pl_metrics_render(c->p);
+    if (!b) {
+        pl_respond_text(c, 503, "", "out of memory");
+        return;
+    }
+    pl_respond(c, 200, "Cache-Control: no-store\r\n", "text/plain; version=0.0.4; charset=utf-8",
+               b->data, b->len, head_only);
+    pl_buf_unref(b);
 }
 
 void pl_route(pl_conn *c, pl_http_req *r)
@@ -411,6 +437,11 @@ void pl_route(pl_conn *c, pl_http_req *r)
     } else if (path_is(path, plen, cfg->health_path)) {
         if (get || head)
             pl_respond_text(c, 200, "Cache-Control: no-store\r\n", "ok");
+        else
+            method_not_allowed(c, "GET, HEAD, OPTIONS");
+    } else if (path_is(path, plen, cfg->metrics_path)) {
+        if (get || head)
+            handle_metrics(c, head);
         else
             method_not_allowed(c, "GET, HEAD, OPTIONS");
     } else if (path_is(path, plen, cfg->stats_path)) {

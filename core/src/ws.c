@@ -280,7 +280,13 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
         return;
     }
     const char *err;
-    int status = pl_subscribe_query(c, query, qlen, false, &err);
+    int status = pl_auth_connection(c, r, query, qlen, &err);
+    if (status) {
+        free(ws);
+        pl_respond_text(c, status, status == 401 ? "WWW-Authenticate: Bearer\r\n" : "", err);
+        return;
+    }
+    status = pl_subscribe_query(c, query, qlen, false, &err);
     if (status) {
         free(ws);
         pl_respond_text(c, status, "", err);
@@ -459,6 +465,8 @@ static void command(pl_conn *c, const uint8_t *data, size_t len)
             char id[PL_ID_MAX];
             pl_position_format(id, (pl_position){t->epoch, live ? t->seq : s->seq});
             reply_id(c, "subscribed", topic, NULL, NULL, id);
+        } else if (!pl_auth_topic(c, topic, cmd.topic_len)) {
+            reply(c, "error", topic, "forbidden", "not allowed to subscribe to this topic");
         } else if (c->subscriber.nsubs >= p->cfg.max_topics_per_connection) {
             PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
             reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");

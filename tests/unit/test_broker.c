@@ -280,6 +280,20 @@ Test(broker, delivery_by_topic_and_to_all)
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_MESSAGES_IN), 4);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_MESSAGES_OUT), 5);
 
+    /* The same counters as Prometheus text: sized with cap 0, then written whole. */
+    int need = pushlet_metrics(p, NULL, 0);
+    cr_assert_gt(need, 0);
+    char *text = malloc((size_t)need + 1);
+    cr_assert_eq(pushlet_metrics(p, text, (size_t)need + 1), need);
+    cr_assert_eq(strlen(text), (size_t)need);
+    cr_assert(strstr(text, "\npushlet_messages_in_total 4\n"), "%s", text);
+    cr_assert(strstr(text, "pushlet_connections{transport=\"sse\"} 2\n"), "%s", text);
+    char small[16];
+    cr_assert_eq(pushlet_metrics(p, small, sizeof(small)), need, "truncated, still sized");
+    cr_assert_eq(strlen(small), sizeof(small) - 1);
+    free(text);
+    cr_assert_eq(pushlet_metrics(NULL, NULL, 0), PUSHLET_EINVAL);
+
     tu_client_close(&a);
     tu_client_close(&b);
     cr_assert_eq(pushlet_free(p), 0);
