@@ -253,6 +253,9 @@ static void release_loop_state(pushlet_t *p)
     free(p->tomb_seq);
     p->tomb_hash = p->tomb_seq = NULL;
     pl_history_rules_free(p->rules, p->nrules);
+    free(p->kept);
+    p->kept = NULL;
+    p->nkept = 0;
     p->rules = NULL;
     p->nrules = 0;
 }
@@ -306,8 +309,6 @@ int pl_broker_start(pushlet_t *p)
     __atomic_store_n(&p->stop_requested, false, __ATOMIC_RELAXED);
     pl_list_init(&p->conns_http);
     pl_list_init(&p->conns_stream);
-    pl_list_init(&p->kept);
-    pl_list_init(&p->history_topics);
     p->kept_bytes = p->kept_count = 0;
     p->refill = NULL;
     pl_topics_init(&p->topics);
@@ -325,13 +326,17 @@ int pl_broker_start(pushlet_t *p)
     p->nrules = pl_history_rules_parse(p->cfg.history_rules, &p->rules);
     if (p->nrules < 0)
         p->nrules = 0; /* validated when set */
+    p->kept = malloc((size_t)(p->nrules + 1) * sizeof(*p->kept));
+    p->nkept = p->kept ? p->nrules + 1 : 0;
+    for (int i = 0; i < p->nkept; i++)
+        pl_list_init(&p->kept[i]);
     p->read_buf = malloc(PL_READ_BUF_SIZE);
     p->sse_preamble = make_preamble(p);
     p->sse_heartbeat = pl_buf_from(": heartbeat\n\n", 13);
     p->ws_ping = pl_buf_from("\x89\x00", 2); /* an empty ping frame, shared by all */
     int rc = 0;
     if (!p->read_buf || !p->sse_preamble || !p->sse_heartbeat || !p->ws_ping || !p->tomb_hash ||
-        !p->tomb_seq)
+        !p->tomb_seq || !p->kept)
         rc = PUSHLET_ENOMEM;
     if (!rc &&
         (uv_tcp_init(&p->loop, &p->listener) != 0 ||

@@ -277,18 +277,21 @@ void pl_catch_up(pushlet_t *p)
 
 /* The history bounds of a topic: the defaults, or the first rule that matches its name. */
 static void bounds_for(const pushlet_t *p, const char *name, size_t len, uint32_t *keep_max,
-                       int64_t *keep_age_ms)
+                       int64_t *keep_age_ms, uint16_t *age_class)
 {
     *keep_max = (uint32_t)p->cfg.history_size;
     *keep_age_ms = p->cfg.history_age_ms;
+    *age_class = 0;
     for (int i = 0; i < p->nrules; i++) {
         const pl_history_rule *r = &p->rules[i];
         bool match = r->prefix ? len >= r->len && memcmp(name, r->pattern, r->len) == 0
                                : len == r->len && memcmp(name, r->pattern, r->len) == 0;
         if (match) {
             *keep_max = r->keep_max;
-            if (r->keep_age_ms >= 0)
+            if (r->keep_age_ms >= 0) {
                 *keep_age_ms = r->keep_age_ms;
+                *age_class = (uint16_t)(i + 1);
+            }
             return;
         }
     }
@@ -322,7 +325,7 @@ void pl_history_topic_init(void *ctx, pl_topic *t)
     t->epoch = p->epoch;
     t->seq = p->tomb_hash[slot] == h ? p->tomb_seq[slot] : p->counter;
     p->tomb_hash[slot] = 0;
-    bounds_for(p, t->name, t->name_len, &t->keep_max, &t->keep_age_ms);
+    bounds_for(p, t->name, t->name_len, &t->keep_max, &t->keep_age_ms, &t->age_class);
 }
 
 static void drop_oldest(pushlet_t *p, pl_topic *t)
@@ -337,7 +340,6 @@ static void drop_oldest(pushlet_t *p, pl_topic *t)
     m->topic_rec = NULL;
     pl_msg_unref(m);
     if (t->kept == 0) {
-        pl_list_remove(&t->with_history);
         free(t->ring);
         t->ring = NULL;
         t->ring_cap = t->ring_head = 0;
@@ -374,8 +376,7 @@ void pl_history_keep(pushlet_t *p, pl_topic *t, pl_msg *m)
         return;
     }
     t->ring[(t->ring_head + t->kept) & (t->ring_cap - 1)] = pl_msg_ref(m);
-    if (t->kept++ == 0)
-        pl_list_push(&p->history_topics, &t->with_history);
+    t->kept++;
     size_t bytes =
         sizeof(*m) + sizeof(m) + m->topic_len + m->event_len + m->data_len + 3 + encoded_bytes(m);
     m->topic_rec = t;
@@ -383,38 +384,56 @@ void pl_history_keep(pushlet_t *p, pl_topic *t, pl_msg *m)
     m->kept_bytes = (uint32_t)bytes;
     p->kept_bytes += bytes;
     p->kept_count++;
-    pl_list_push(&p->kept, &m->kept);
+    pl_list_push(&p->kept[t->age_class], &m->kept);
+}
+
+/* The oldest kept message of an age class, or NULL. */
+static pl_msg *oldest_of(const pushlet_t *p, int k)
+{
+    return p->kept[k].next != &p->kept[k] ? pl_container_of(p->kept[k].next, pl_msg, kept) : NULL;
+}
+
+/* Evicts the head of its age class (its topic's oldest message too: a topic's messages are all
+ * in one class, in order), freeing the topic when nothing holds it any more. */
+static void evict(pushlet_t *p, pl_msg *m)
+{
+    pl_topic *t = m->topic_rec;
+    drop_oldest(p, t);
+    if (!t->kept)
+        pl_topics_release(&p->topics, t);
 }
 
 void pl_history_trim(pushlet_t *p, bool by_age)
 {
-    if (by_age) {
-        uint64_t now = uv_now(&p->loop);
-        for (pl_link *l = p->history_topics.next, *next; l != &p->history_topics; l = next) {
-            next = l->next;
-            pl_topic *t = pl_container_of(l, pl_topic, with_history);
-            while (t->kept && now - t->ring[t->ring_head]->kept_at >= (uint64_t)t->keep_age_ms)
-                drop_oldest(p, t);
-            if (!t->kept)
-                pl_topics_release(&p->topics, t);
-        }
+    /* Within a class every message has the same age bound: expiry stops at the first that is
+     * young enough, so a tick costs what it evicts, not what is kept. */
+    uint64_t now = uv_now(&p->loop);
+    for (int k = 0; by_age && k < p->nkept; k++) {
+        pl_msg *m;
+        while ((m = oldest_of(p, k)) && now - m->kept_at >= (uint64_t)m->topic_rec->keep_age_ms)
+            evict(p, m);
     }
-    while (p->kept_bytes > (uint64_t)p->cfg.history_max_bytes && p->kept.next != &p->kept) {
-        pl_msg *m = pl_container_of(p->kept.next, pl_msg, kept);
-        pl_topic *t = m->topic_rec;
-        drop_oldest(p, t);
+    while (p->kept_bytes > (uint64_t)p->cfg.history_max_bytes) {
+        pl_msg *oldest = NULL; /* the oldest of the class heads */
+        for (int k = 0; k < p->nkept; k++) {
+            pl_msg *m = oldest_of(p, k);
+            if (m && (!oldest || m->kept_at < oldest->kept_at))
+                oldest = m;
+        }
+        if (!oldest)
+            break;
+        evict(p, oldest);
         PL_STAT_ADD(p, PUSHLET_STAT_HISTORY_EVICTED, 1);
-        if (!t->kept)
-            pl_topics_release(&p->topics, t);
     }
     sync_gauges(p);
 }
 
 void pl_history_clear(pushlet_t *p)
 {
-    while (p->kept.next && p->kept.next != &p->kept) {
-        pl_msg *m = pl_container_of(p->kept.next, pl_msg, kept);
-        drop_oldest(p, m->topic_rec);
+    for (int k = 0; k < p->nkept; k++) {
+        pl_msg *m;
+        while ((m = oldest_of(p, k)))
+            drop_oldest(p, m->topic_rec);
     }
     p->kept_bytes = p->kept_count = 0;
     p->refill = NULL;

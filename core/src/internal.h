@@ -94,7 +94,7 @@ typedef struct pl_msg {
     char id[PL_ID_MAX];   /* the ID as sent: "EPOCH-SEQ" */
     int64_t published_ms; /* wall clock at publish, for timestamps (never for ordering) */
     /* While kept in a topic's history (history.c): */
-    pl_link kept; /* in the broker's list of kept messages, oldest first */
+    pl_link kept; /* in its age class's list of kept messages, oldest first */
     struct pl_topic *topic_rec;
     uint64_t kept_at;           /* loop time (ms) it was stored */
     uint32_t kept_bytes;        /* what it counts against PUSHLET_OPT_HISTORY_MAX_BYTES */
@@ -178,7 +178,8 @@ struct pl_topic {
     uint32_t kept;
     uint32_t keep_max; /* history bounds for this topic (PUSHLET_OPT_HISTORY_*, rules) */
     int64_t keep_age_ms;
-    pl_link with_history; /* in the broker's list of topics keeping messages */
+    uint16_t age_class; /* which list of p->kept its messages go to: 0 = the default age,
+                           1 + i = rule i's own age */
     char name[];
 };
 
@@ -615,8 +616,10 @@ struct pushlet {
     uint64_t counter; /* messages dispatched this run; new topics' sequences start here */
     pl_topics topics;
     /* History (history.c). */
-    pl_link kept;           /* every kept message, oldest first */
-    pl_link history_topics; /* topics keeping messages */
+    /* Kept messages by age class (one list per distinct age: the default, then each rule's),
+     * each oldest first, so expiry and the budget look at list heads only. */
+    pl_link *kept;
+    int nkept;
     uint64_t kept_bytes, kept_count;
     pl_history_rule *rules;
     int nrules;

@@ -128,7 +128,6 @@ pl_topic *pl_topics_get(pl_topics *t, const char *name, size_t len)
     tp->hash = h;
     tp->name_len = (uint16_t)len;
     memcpy(tp->name, name, len);
-    pl_list_init(&tp->with_history);
     t->slots[slot] = tp;
     t->count++;
     if (t->on_new)

@@ -3,22 +3,17 @@ its EventSource connects to pushletd and a message published with curl shows up 
 
 import asyncio
 import json
-import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
-import urllib.request
 
 import pytest
 import websockets
 
 import pushlet_testlib as pl
+from pushlet_chromium import chromium_page
 
-CHROMIUM = "/usr/bin/chromium"
 
 # Installed before any page script runs: records every EventSource the page creates, so the
 # test can wait until the page's own stream is OPEN (readyState 1) as the browser sees it.
@@ -92,36 +87,6 @@ class CDP:
         return out
 
 
-def http_json(url, timeout=2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def start_chromium(profile, log):
-    return subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-         # port 0: Chromium picks a free port and writes it to <profile>/DevToolsActivePort
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-
-
-def stop_chromium(proc):
-    """End the Chromium we started (by PID), then any helper left in its own process group."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group we created with start_new_session
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def publish(srv, topic, message):
     r = subprocess.run(["curl", "-sS", "--max-time", "10", "-X", "POST",
                         f"{srv.base}/publish?topic={topic}", "-d", message],
@@ -132,38 +97,7 @@ def publish(srv, topic, message):
 
 def run_on_demo_page(srv, scenario):
     """Opens the demo page in headless Chromium and runs `scenario(cdp)` against it."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not installed")
-    profile = tempfile.mkdtemp(prefix="pushlet-chromium-")
-    log_path = os.path.join(profile, "..", os.path.basename(profile) + ".log")
-    log = open(log_path, "wb")
-    proc = start_chromium(profile, log)
-    try:
-        port_file = os.path.join(profile, "DevToolsActivePort")
-
-        def devtools_port():
-            if proc.poll() is not None:
-                raise AssertionError(f"chromium exited with {proc.returncode}: "
-                                     f"{open(log_path, 'rb').read()[-3000:]!r}")
-            try:
-                with open(port_file) as f:
-                    first = f.readline().strip()
-                return int(first) if first.isdigit() else None
-            except OSError:
-                return None
-
-        port = pl.wait_until(devtools_port, 30, 0.1, "Chromium's DevToolsActivePort")
-
-        def page_target():
-            try:
-                targets = http_json(f"http://127.0.0.1:{port}/json")
-            except OSError:
-                return None
-            pages = [t for t in targets if t.get("type") == "page"
-                     and t.get("webSocketDebuggerUrl")]
-            return pages[0] if pages else None
-
-        target = pl.wait_until(page_target, 20, 0.1, "a page target")
+    with chromium_page() as target:
 
         async def drive():
             async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None,
@@ -180,14 +114,6 @@ def run_on_demo_page(srv, scenario):
                 await scenario(cdp)
 
         pl.run_async(drive(), 90)
-    finally:
-        stop_chromium(proc)
-        log.close()
-        shutil.rmtree(profile, ignore_errors=True)
-        try:
-            os.unlink(log_path)
-        except OSError:
-            pass
 
 
 @pytest.mark.timeout(120)

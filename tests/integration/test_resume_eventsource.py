@@ -26,19 +26,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-import urllib.request
 
 import pytest
 
 import pushlet_testlib as pl
+from pushlet_chromium import chromium_page
 from pushlet_testlib import RawHTTP
 from test_resume_sse import check_consecutive, publish_on, run_seed, scaled, seeded, set_rst
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
-CHROMIUM = "/usr/bin/chromium"
 RETRY_RE = re.compile(rb"(?m)^retry: ?(\d+)\n")
 
 
@@ -276,22 +274,7 @@ def check_client_log(log, ids, proxy, who):
 
 
 def ensure_node_modules():
-    npm = shutil.which("npm")
-    assert npm, "node is installed but npm is not"
-    mods = os.path.join(NODE_DIR, "node_modules")
-    if os.path.exists(os.path.join(mods, "eventsource", "package.json")):
-        return
-    base = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
-    r = None
-    for args in (base + ["--offline"], base):
-        try:
-            r = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=300,
-                               stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            continue
-        if r.returncode == 0:
-            return
-    pytest.fail(f"npm ci failed in {NODE_DIR}:\n{r and r.stdout}\n{r and r.stderr}")
+    pl.npm_ci(NODE_DIR, ("eventsource",))
 
 
 class NodeEventSource:
@@ -432,98 +415,47 @@ async def _cdp_eval(ws, state, expr):
 @pytest.mark.timeout(150)
 def test_chromium_eventsource_reconnects(pushletd):
     """3 cuts under headless Chromium's own EventSource, with pushletd's real retry hint."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not installed")
     import websockets
 
     srv = pushletd()
-    profile = tempfile.mkdtemp(prefix="pushlet-resume-chromium-")
-    log_path = profile + ".log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     seed = run_seed(7)
     proxy = CuttingProxy(srv.addr, seed=seed, max_cuts=3, cut_bytes=(0, 3000))
     try:
-        port_file = os.path.join(profile, "DevToolsActivePort")
+        with chromium_page() as target:
+            result = {}
 
-        def devtools_port():
-            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
-            try:
-                with open(port_file) as f:
-                    first = f.readline().strip()
-                return int(first) if first.isdigit() else None
-            except OSError:
-                return None
+            async def drive():
+                async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None,
+                                              open_timeout=10, close_timeout=5) as ws:
+                    st = {"id": 0}
+                    await _cdp_call(ws, st, "Page.enable")
+                    nav = await _cdp_call(ws, st, "Page.navigate",
+                                          {"url": proxy.base + "/healthz"}, timeout=20)
+                    assert not nav.get("errorText"), f"navigation failed: {nav}"
+                    deadline = time.monotonic() + 15
+                    while await _cdp_eval(ws, st, "document.readyState") != "complete":
+                        assert time.monotonic() < deadline, "page did not load"
+                        await asyncio.sleep(0.1)
+                    await _cdp_eval(ws, st, PAGE_SCRIPT)
+                    deadline = time.monotonic() + scaled(15)
+                    while not any(e["type"] == "connected"
+                                  for e in await _cdp_eval(ws, st, "window.__log")):
+                        assert time.monotonic() < deadline, "the EventSource did not connect"
+                        await asyncio.sleep(0.05)
+                    result["ids"] = await asyncio.to_thread(
+                        publish_while_cutting, srv, proxy, "es", 50, 0.01, scaled(60))
+                    deadline = time.monotonic() + scaled(30)
+                    while True:
+                        got = await _cdp_eval(ws, st, "window.__log")
+                        if any(e["type"] == "message" and e["data"] == "END" for e in got):
+                            break
+                        assert time.monotonic() < deadline, f"no END in the page: {got[-5:]}"
+                        await asyncio.sleep(0.1)
+                    result["log"] = got
 
-        port = pl.wait_until(devtools_port, 30, 0.1, "Chromium's DevToolsActivePort")
-
-        def page_target():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2) as r:
-                    targets = json.loads(r.read())
-            except OSError:
-                return None
-            pages = [t for t in targets if t.get("type") == "page"
-                     and t.get("webSocketDebuggerUrl")]
-            return pages[0] if pages else None
-
-        target = pl.wait_until(page_target, 20, 0.1, "a page target")
-        result = {}
-
-        async def drive():
-            async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None,
-                                          open_timeout=10, close_timeout=5) as ws:
-                st = {"id": 0}
-                await _cdp_call(ws, st, "Page.enable")
-                nav = await _cdp_call(ws, st, "Page.navigate",
-                                      {"url": proxy.base + "/healthz"}, timeout=20)
-                assert not nav.get("errorText"), f"navigation failed: {nav}"
-                deadline = time.monotonic() + 15
-                while await _cdp_eval(ws, st, "document.readyState") != "complete":
-                    assert time.monotonic() < deadline, "page did not load"
-                    await asyncio.sleep(0.1)
-                await _cdp_eval(ws, st, PAGE_SCRIPT)
-                deadline = time.monotonic() + scaled(15)
-                while not any(e["type"] == "connected"
-                              for e in await _cdp_eval(ws, st, "window.__log")):
-                    assert time.monotonic() < deadline, "the EventSource did not connect"
-                    await asyncio.sleep(0.05)
-                result["ids"] = await asyncio.to_thread(
-                    publish_while_cutting, srv, proxy, "es", 50, 0.01, scaled(60))
-                deadline = time.monotonic() + scaled(30)
-                while True:
-                    got = await _cdp_eval(ws, st, "window.__log")
-                    if any(e["type"] == "message" and e["data"] == "END" for e in got):
-                        break
-                    assert time.monotonic() < deadline, f"no END in the page: {got[-5:]}"
-                    await asyncio.sleep(0.1)
-                result["log"] = got
-
-        pl.run_async(drive(), scaled(120))
-        proxy.close()
-        with seeded(seed):
-            check_client_log(result["log"], result["ids"], proxy, "chromium EventSource")
+            pl.run_async(drive(), scaled(120))
+            proxy.close()
+            with seeded(seed):
+                check_client_log(result["log"], result["ids"], proxy, "chromium EventSource")
     finally:
         proxy.__exit__(None, None, None)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        log.close()
-        shutil.rmtree(profile, ignore_errors=True)
-        try:
-            os.unlink(log_path)
-        except OSError:
-            pass

@@ -17,22 +17,7 @@ NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
 
 
 def ensure_node_modules():
-    npm = shutil.which("npm")
-    assert npm, "node is installed but npm is not"
-    mods = os.path.join(NODE_DIR, "node_modules")
-    if all(os.path.exists(os.path.join(mods, *p.split("/"), "package.json"))
-           for p in ("ws", "@msgpack/msgpack")):
-        return
-    base = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
-    for args in (base + ["--offline"], base):
-        try:
-            r = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=300,
-                               stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            continue
-        if r.returncode == 0:
-            return
-    pytest.fail(f"npm ci failed in {NODE_DIR}:\n{r.stdout}\n{r.stderr}")
+    pl.npm_ci(NODE_DIR, ("ws", "@msgpack/msgpack"))
 
 
 @pytest.mark.timeout(400)
