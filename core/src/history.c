@@ -56,7 +56,7 @@ size_t pl_conn_cursor(const pl_conn *c, char *out, size_t cap)
     size_t n = s->nsubs < PL_CURSOR_MAX_POSITIONS ? s->nsubs : PL_CURSOR_MAX_POSITIONS;
     for (size_t k = 0; k < n; k++)
         pos[k] = (pl_position){s->subs[k].topic->epoch, s->subs[k].seq};
-    return pl_cursor_format(out, cap, pos, n, pl_cursor_check_of(c));
+    return pl_cursor_format(out, cap, pos, n, s->cursor_check);
 }
 
 int pl_cursor_for(const pl_conn *c, const char *s, size_t len, pl_position *out)
@@ -69,7 +69,7 @@ int pl_cursor_for(const pl_conn *c, const char *s, size_t len, pl_position *out)
         return 0;
     if (n > 1 && check == PL_CURSOR_NO_CHECK)
         return 0;
-    return check == PL_CURSOR_NO_CHECK || check == pl_cursor_check_of(c) ? 1 : 0;
+    return check == PL_CURSOR_NO_CHECK || check == c->subscriber.cursor_check ? 1 : 0;
 }
 
 /* "id: CURSOR\n" for a multi-topic SSE stream, as its subscriptions stand. */

@@ -194,6 +194,8 @@ typedef struct pl_sub {
 struct pl_subscriber {
     pl_sub *subs;
     uint16_t nsubs, cap;
+    int32_t cursor_check; /* of the topic list its cursors name, fixed when a stream starts
+                             (pl_cursor_check_of); PL_CURSOR_NO_CHECK for a single topic */
 };
 
 typedef struct pl_topics {
@@ -502,7 +504,8 @@ int pl_deliver(pl_conn *c, pl_msg *m, pl_topic_sub *ts) PL_HIDDEN;
 void pl_resume(pl_conn *c, uint16_t k, const pl_position *from) PL_HIDDEN;
 /* Sends the gap signal for subscription `k` (SSE event or WebSocket message). */
 void pl_send_gap(pl_conn *c, uint16_t k, const char *reason) PL_HIDDEN;
-int32_t pl_cursor_check_of(const pl_conn *c) PL_HIDDEN; /* of its topic list */
+/* The check of `c`'s topic list, computed once, when its request's topics are subscribed. */
+int32_t pl_cursor_check_of(const pl_conn *c) PL_HIDDEN;
 /* The cursor of `c`'s subscriptions as they stand (a message ID for a single topic). */
 size_t pl_conn_cursor(const pl_conn *c, char *out, size_t cap) PL_HIDDEN;
 /* Parses a client cursor for `c`'s subscriptions: 1 = fits (positions in `out`, one per
@@ -551,8 +554,10 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
  * (or a bad header), -1 = none given; -400/-503 = refuse with that status and `*err`. */
 int pl_read_cursor(pl_conn *c, const char *header, size_t header_len, const char *query,
                    size_t qlen, pl_position *pos, const char **err) PL_HIDDEN;
-/* Starts every subscription of `c` as pl_read_cursor() found (a gap each when 0). */
-void pl_resume_all(pl_conn *c, int fit, const pl_position *pos) PL_HIDDEN;
+/* Starts every subscription of `c` as pl_read_cursor() found (a gap each when 0), calling
+ * `announce` (may be NULL) for each just before, with the position it starts from. */
+void pl_resume_all(pl_conn *c, int fit, const pl_position *pos,
+                   void (*announce)(pl_conn *c, uint16_t k, const pl_position *from)) PL_HIDDEN;
 /* The Prometheus text for GET /metrics (metrics.c); NULL when out of memory. */
 pl_buf *pl_metrics_render(pushlet_t *p) PL_HIDDEN;
 /* Keeps the gauges in step with the topic registry. */

@@ -155,6 +155,7 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
         }
     }
     pl_sync_topic_stats(p);
+    c->subscriber.cursor_check = pl_cursor_check_of(c); /* the stream's cursors name this list */
     return 0;
 }
 
@@ -184,15 +185,17 @@ int pl_read_cursor(pl_conn *c, const char *header, size_t header_len, const char
     return rc;
 }
 
-void pl_resume_all(pl_conn *c, int fit, const pl_position *pos)
+void pl_resume_all(pl_conn *c, int fit, const pl_position *pos,
+                   void (*announce)(pl_conn *c, uint16_t k, const pl_position *from))
 {
     for (uint16_t k = 0; k < c->subscriber.nsubs; k++) {
+        const pl_position *from = fit == 1 ? &pos[k] : NULL;
+        if (announce)
+            announce(c, k, from);
+        pl_resume(c, k, from);
         if (fit == 0) {
-            pl_resume(c, k, NULL);
             PL_STAT_ADD(c->p, PUSHLET_STAT_RESUMES, 1);
             pl_send_gap(c, k, "cursor_mismatch");
-        } else {
-            pl_resume(c, k, fit == 1 ? &pos[k] : NULL);
         }
     }
 }
@@ -235,7 +238,7 @@ static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen
     size_t n = 0;
     if (fit == 1)
         n = pl_cursor_format(cursor, sizeof(cursor), pos, c->subscriber.nsubs,
-                             c->subscriber.nsubs > 1 ? pl_cursor_check_of(c) : PL_CURSOR_NO_CHECK);
+                             c->subscriber.cursor_check);
     else if (fit == -1)
         n = pl_conn_cursor(c, cursor, sizeof(cursor));
     char event[sizeof(cursor) + 128];
@@ -249,7 +252,7 @@ static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen
     }
     pl_conn_send(c, b);
     pl_buf_unref(b);
-    pl_resume_all(c, fit, pos);
+    pl_resume_all(c, fit, pos, NULL);
 }
 
 /* ---- Publishing over HTTP ------------------------------------------------------------------- */

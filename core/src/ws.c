@@ -95,15 +95,13 @@ static void reply(pl_conn *c, const char *event, const char *topic, const char *
     reply_id(c, event, topic, reason, message, NULL);
 }
 
-/* "subscribed" naming where subscription `k` starts (`from`, else the topic's position now),
- * then the gap signal and catch-up that position needs. */
-static void start_subscription(pl_conn *c, uint16_t k, const pl_position *from)
+/* "subscribed", naming where subscription `k` starts (`from`, else the topic's position now). */
+static void announce_subscription(pl_conn *c, uint16_t k, const pl_position *from)
 {
     pl_topic *t = c->subscriber.subs[k].topic;
     char id[PL_ID_MAX];
     pl_position_format(id, from ? *from : (pl_position){t->epoch, t->seq});
     reply_id(c, "subscribed", t->name, NULL, NULL, id);
-    pl_resume(c, k, from);
 }
 
 void pl_ws_close(pl_conn *c, uint16_t code, const char *reason)
@@ -345,15 +343,7 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
     pl_list_push(&p->conns_stream, &c->link);
     PL_STAT_ADD(p, PUSHLET_STAT_WS_CONNECTIONS, 1);
     reply(c, "connected", NULL, NULL, "Connection established");
-    for (uint16_t k = 0; k < c->subscriber.nsubs; k++) {
-        if (fit == 0) {
-            start_subscription(c, k, NULL);
-            PL_STAT_ADD(p, PUSHLET_STAT_RESUMES, 1);
-            pl_send_gap(c, k, "cursor_mismatch");
-        } else {
-            start_subscription(c, k, fit == 1 ? &pos[k] : NULL);
-        }
-    }
+    pl_resume_all(c, fit, pos, announce_subscription);
 }
 
 /* ---- Commands ------------------------------------------------------------------------------- */
@@ -473,8 +463,10 @@ static void command(pl_conn *c, const uint8_t *data, size_t len)
         } else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) < 0) {
             reply(c, "error", topic, "internal", "out of memory");
         } else {
-            start_subscription(c, (uint16_t)(c->subscriber.nsubs - 1),
-                               cmd.has_since ? &cmd.since : NULL);
+            uint16_t last = (uint16_t)(c->subscriber.nsubs - 1);
+            const pl_position *from = cmd.has_since ? &cmd.since : NULL;
+            announce_subscription(c, last, from);
+            pl_resume(c, last, from);
         }
     } else if (pl_topics_unsubscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) == 0) {
         reply(c, "unsubscribed", topic, NULL, NULL);

@@ -642,7 +642,21 @@ class SSEParser:
         return None
 
 
-class AsyncHTTP:
+class _AsyncStream:
+    """What the asyncio clients share: a StreamWriter in self.writer (None until connected)."""
+
+    writer = None
+
+    async def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 5)
+            except (OSError, asyncio.TimeoutError):
+                pass
+
+
+class AsyncHTTP(_AsyncStream):
     """A keep-alive HTTP/1.1 client connection on asyncio streams."""
 
     def __init__(self, addr):
@@ -655,13 +669,6 @@ class AsyncHTTP:
             asyncio.open_connection(*self.addr), timeout)
         return self
 
-    async def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await asyncio.wait_for(self.writer.wait_closed(), 5)
-            except (OSError, asyncio.TimeoutError):
-                pass
 
     async def request(self, method, path, body=b"", headers=None, timeout=10.0) -> Response:
         self.writer.write(build_request(method, path, body, headers, self.addr))
@@ -708,7 +715,7 @@ class AsyncHTTP:
         return r.json_id()
 
 
-class AsyncSSE:
+class AsyncSSE(_AsyncStream):
     """An SSE subscriber on raw asyncio streams with the incremental parser above."""
 
     def __init__(self, addr, path="/events", headers=None, rcvbuf=None, on_event=None):
@@ -809,14 +816,6 @@ class AsyncSSE:
         except asyncio.TimeoutError:
             raise Timeout(f"SSE stream {self.path} not closed by the server within {timeout}s "
                           f"({len(self.events)} events)") from None
-
-    async def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await asyncio.wait_for(self.writer.wait_closed(), 5)
-            except (OSError, asyncio.TimeoutError):
-                pass
 
 
 def run_async(coro, timeout):
@@ -1170,7 +1169,7 @@ class RawWS(RawHTTP):
         return frames
 
 
-class AsyncWS:
+class AsyncWS(_AsyncStream):
     """A minimal asyncio WebSocket client (raw frames) for fan-out tests with many
     connections: cheap to parse, answers server pings, hands each data payload to on_message."""
 
@@ -1250,10 +1249,3 @@ class AsyncWS:
             raise Timeout(f"timed out after {timeout:.0f}s waiting for {what} on {self.path} "
                           f"({self.count} messages)") from None
 
-    async def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await asyncio.wait_for(self.writer.wait_closed(), 5)
-            except (OSError, asyncio.TimeoutError):
-                pass
