@@ -50,6 +50,8 @@ enum {
     PUSHLET_EADDRINUSE = -8,   /* the listen address is already in use */
     PUSHLET_ELISTEN = -9,      /* the listen address is invalid or cannot be bound */
     PUSHLET_ESYSTEM = -10,     /* an operating system resource could not be obtained */
+    PUSHLET_ENOENT = -11,      /* no such request or connection (answered already, timed out,
+                                  or the client left) */
 };
 
 /** Log levels, numerically equal to Python's logging levels. */
@@ -92,6 +94,10 @@ typedef enum {
                                                 PUSHLET_OPT_MAX_MESSAGE_SIZE + 1024 */
     PUSHLET_OPT_CLOSE_TIMEOUT_MS = 24, /* linger after an error answer, wait for a WebSocket close
                                           reply; default 2000 */
+    PUSHLET_OPT_AUTH_TIMEOUT_MS = 25,  /* an auth request not answered by then is denied (503);
+                                          default 5000 */
+    PUSHLET_OPT_MAX_CLIENT_MESSAGES_PER_SEC = 26, /* WebSocket messages for the host per second per
+                                                     connection; default 100 */
     /* String options, set with pushlet_set_str(). */
     PUSHLET_OPT_SSE_PATH = 100,         /* default "/events" */
     PUSHLET_OPT_WS_PATH = 101,          /* default "/ws" (reserved for the WebSocket transport) */
@@ -150,16 +156,39 @@ typedef enum {
     PUSHLET_STAT_TIMEOUTS = 22,            /* connections closed by a header/idle/close timeout */
     PUSHLET_STAT_SLOW_CONSUMER_LAGS = 23,  /* times a connection fell behind (drop_oldest) */
     PUSHLET_STAT_AUTH_DENIED = 24,         /* connections (401) and subscriptions (403) refused */
+    PUSHLET_STAT_AUTH_PENDING = 25,        /* auth requests waiting for the host's answer (gauge) */
+    PUSHLET_STAT_AUTH_TIMEOUTS = 26,       /* auth requests denied because no answer came in time */
+    PUSHLET_STAT_CLIENT_MESSAGES = 27,     /* WebSocket messages passed to the host */
+    PUSHLET_STAT_EVENTS_DROPPED = 28,      /* pull-queue events dropped (queue full) */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 
-/** Kinds of event delivered through the pull queue (a bit mask for pushlet_events_enable()). */
+/** Kinds of event (bits of a mask), delivered to the event handler or through the pull queue.
+ *  The two requests wait for the host's answer (pushlet_allow() / pushlet_deny()); when neither
+ *  the handler nor the queue takes a kind of request, those are allowed without asking. */
 enum {
-    PUSHLET_EVENT_LOG = 1 << 0,
+    PUSHLET_EVENT_LOG = 1 << 0, /* a log record (pull queue only; see pushlet_set_logger) */
+    PUSHLET_EVENT_AUTH_CONNECT = 1 << 1,   /* request: may this SSE stream / WebSocket open? */
+    PUSHLET_EVENT_AUTH_SUBSCRIBE = 1 << 2, /* request: may this connection subscribe to topic? */
+    PUSHLET_EVENT_CONNECTED = 1 << 3,      /* a stream or WebSocket is open */
+    PUSHLET_EVENT_DISCONNECTED = 1 << 4,   /* ... and has closed; text = the reason */
+    PUSHLET_EVENT_SUBSCRIBED = 1 << 5,     /* a connection subscribed to topic */
+    PUSHLET_EVENT_UNSUBSCRIBED = 1 << 6,   /* ... unsubscribed (also when it disconnects) */
+    PUSHLET_EVENT_MESSAGE = 1 << 7,        /* a WebSocket message that is no subscription command */
+    PUSHLET_EVENT_ALL = (1 << 8) - 1,
 };
+
+/** Transports, as pushlet_event_transport() reports them. */
+enum { PUSHLET_TRANSPORT_SSE = 1, PUSHLET_TRANSPORT_WS = 2 };
 
 typedef struct pushlet pushlet_t;
 typedef struct pushlet_event pushlet_event_t;
+
+/** Event handler: called on the loop thread with an event it borrows until it returns. It must
+ *  not block (no I/O, no waiting on other threads); it may answer a request at once or keep the
+ *  request id (pushlet_event_request()) and answer later from any thread. It may call any
+ *  "Thread: any" function, but not pushlet_stop()/pushlet_free(). */
+typedef void (*pushlet_event_fn)(pushlet_t *p, const pushlet_event_t *e, void *userdata);
 
 /** Logger callback. `component` and `msg` are borrowed until it returns; `msg` is not
  *  newline-terminated. Called from the loop thread or from the thread making a pushlet_* call;
@@ -234,6 +263,50 @@ PUSHLET_EXTERN int pushlet_publish(pushlet_t *p, const char *topic, const char *
 PUSHLET_EXTERN int pushlet_publish_all(pushlet_t *p, const char *event, const char *data,
                                        size_t len);
 
+/* ---- Hooks: auth, lifecycle, client messages ---------------------------------------------- */
+
+/** Install the event handler for the kinds in `mask` (PUSHLET_EVENT_*, not LOG); NULL or mask 0
+ *  removes it. Kinds the handler takes are not queued for pushlet_event_next(). Set it before
+ *  pushlet_start(). @return 0, PUSHLET_EINVAL or PUSHLET_EBUSY. Thread: any.
+ *  Ownership: `fn` and `userdata` are kept until replaced or pushlet_free(). */
+PUSHLET_EXTERN int pushlet_set_event_handler(pushlet_t *p, pushlet_event_fn fn, uint32_t mask,
+                                             void *userdata);
+
+/** Answer an auth request (an event of kind AUTH_CONNECT or AUTH_SUBSCRIBE) with "allow".
+ *  For a connection, `user_id` (NULL: keep the token's `sub`, if any; at most 256 bytes) and
+ *  `metadata` (NULL: none; at most 4096 bytes, any text) stay with it and appear in all its
+ *  later events; both are ignored for subscriptions.
+ *  @return 0, PUSHLET_ENOENT (answered already, timed out, or the client left: harmless),
+ *          PUSHLET_EINVAL or PUSHLET_ENOMEM. Thread: any. */
+PUSHLET_EXTERN int pushlet_allow(pushlet_t *p, uint64_t request, const char *user_id,
+                                 const char *metadata);
+
+/** Answer an auth request with "deny". A connection gets HTTP `status` (401, 403, 429, or any
+ *  4xx/5xx; 0 = 403) with `reason` (NULL = none; one line, at most 120 bytes) as its body; a
+ *  WebSocket subscribe command gets an `error` reply with reason "forbidden".
+ *  @return as pushlet_allow(). Thread: any. */
+PUSHLET_EXTERN int pushlet_deny(pushlet_t *p, uint64_t request, int status, const char *reason);
+
+/** Send a message to one open connection (not recorded in any history; an SSE stream gets it
+ *  without an `id:` line, a WebSocket as a message without topic).
+ *  @return 0, PUSHLET_ENOENT (no such open connection), or as pushlet_publish(). Thread: any. */
+PUSHLET_EXTERN int pushlet_send(pushlet_t *p, uint64_t connection, const char *event,
+                                const char *data, size_t len);
+
+/** Send a message to every open connection of a user id. @return 0, PUSHLET_ENOENT (the user
+ *  has no open connection), or as pushlet_publish(). Thread: any. */
+PUSHLET_EXTERN int pushlet_send_user(pushlet_t *p, const char *user_id, const char *event,
+                                     const char *data, size_t len);
+
+/** Close an open connection: a WebSocket with close `code` (1000, or 3000-4999; 0 = 1000) and
+ *  `reason` (at most 123 bytes); an SSE stream gets a final `close` event carrying `reason`.
+ *  What was queued before is still sent. @return 0, PUSHLET_ENOENT or PUSHLET_EINVAL.
+ *  Thread: any. */
+PUSHLET_EXTERN int pushlet_close(pushlet_t *p, uint64_t connection, int code, const char *reason);
+
+/** Subscribers of a topic right now (0 when it has none). Thread: any. */
+PUSHLET_EXTERN int64_t pushlet_topic_subscribers(pushlet_t *p, const char *topic);
+
 /** Read a counter or gauge; -1 for an unknown one. Thread: any. */
 PUSHLET_EXTERN int64_t pushlet_stat(const pushlet_t *p, pushlet_stat_t which);
 
@@ -244,7 +317,8 @@ PUSHLET_EXTERN int pushlet_metrics(pushlet_t *p, char *buf, size_t cap);
 
 /* ---- Pull queue: the alternative to every callback ---------------------------------------- */
 
-/** Choose which kinds of event (PUSHLET_EVENT_* bits) are queued for pushlet_event_next().
+/** Choose which kinds of event (PUSHLET_EVENT_* bits) are queued for pushlet_event_next();
+ *  kinds an event handler takes are not queued. Requests are answered as with the handler.
  *  Log records are queued at the level set by PUSHLET_OPT_LOG_LEVEL. The queue keeps at most
  *  PUSHLET_OPT_MAX_PENDING_EVENTS; beyond that events are dropped and a warning record says how
  *  many. @return 0 or PUSHLET_EINVAL. Thread: any. */
@@ -258,12 +332,40 @@ PUSHLET_EXTERN int pushlet_event_fd(const pushlet_t *p);
  *  with pushlet_event_free(). Thread: any. */
 PUSHLET_EXTERN pushlet_event_t *pushlet_event_next(pushlet_t *p);
 
-/** Accessors; the returned strings are owned by the event. Thread: any. */
+/** Accessors, the same for handler and queue. Strings are owned by the event, NUL-terminated,
+ *  "" when absent; their length goes to `*len` when len != NULL. Thread: any. */
 PUSHLET_EXTERN int pushlet_event_type(const pushlet_event_t *e);      /* PUSHLET_EVENT_* */
 PUSHLET_EXTERN int pushlet_event_log_level(const pushlet_event_t *e); /* PUSHLET_LOG_* */
 PUSHLET_EXTERN const char *pushlet_event_component(const pushlet_event_t *e);
-/** The event's text (NUL-terminated); its length in bytes goes to `*len` when len != NULL. */
+/** LOG: the record; MESSAGE: the client's payload (may hold NUL bytes: use `len`);
+ *  DISCONNECTED, UNSUBSCRIBED: the reason. */
 PUSHLET_EXTERN const char *pushlet_event_text(const pushlet_event_t *e, size_t *len);
+/** The request id to answer (AUTH_* events), else 0. */
+PUSHLET_EXTERN uint64_t pushlet_event_request(const pushlet_event_t *e);
+/** The connection (unique per broker, never reused), else 0. LOG events about a connection
+ *  carry it too. */
+PUSHLET_EXTERN uint64_t pushlet_event_connection(const pushlet_event_t *e);
+PUSHLET_EXTERN int pushlet_event_transport(const pushlet_event_t *e); /* PUSHLET_TRANSPORT_* */
+/** The connection's user id and metadata (from a token's `sub` or pushlet_allow()). */
+PUSHLET_EXTERN const char *pushlet_event_user(const pushlet_event_t *e, size_t *len);
+PUSHLET_EXTERN const char *pushlet_event_metadata(const pushlet_event_t *e, size_t *len);
+/** AUTH_SUBSCRIBE, SUBSCRIBED, UNSUBSCRIBED: the topic. */
+PUSHLET_EXTERN const char *pushlet_event_topic(const pushlet_event_t *e, size_t *len);
+/** MESSAGE: 1 when the client sent a binary message, 0 for text. */
+PUSHLET_EXTERN int pushlet_event_binary(const pushlet_event_t *e);
+/** AUTH_CONNECT: the request line and the peer ("127.0.0.1:50312", "[::1]:50312"). The query
+ *  is raw (percent-encoded), without "?". */
+PUSHLET_EXTERN const char *pushlet_event_method(const pushlet_event_t *e);
+PUSHLET_EXTERN const char *pushlet_event_path(const pushlet_event_t *e, size_t *len);
+PUSHLET_EXTERN const char *pushlet_event_query(const pushlet_event_t *e, size_t *len);
+PUSHLET_EXTERN const char *pushlet_event_remote(const pushlet_event_t *e);
+/** AUTH_CONNECT: header fields as received. By name (case-insensitive; the first of repeated
+ *  ones; NULL when absent), or by index 0..count-1 (0 when out of range). */
+PUSHLET_EXTERN const char *pushlet_event_header(const pushlet_event_t *e, const char *name,
+                                                size_t *len);
+PUSHLET_EXTERN size_t pushlet_event_header_count(const pushlet_event_t *e);
+PUSHLET_EXTERN int pushlet_event_header_at(const pushlet_event_t *e, size_t i, const char **name,
+                                           const char **value);
 
 /** Release an event; NULL is a no-op. Thread: any. */
 PUSHLET_EXTERN void pushlet_event_free(pushlet_event_t *e);

@@ -24,13 +24,31 @@ static const char *reason_text(const char *why)
     return "token invalid";
 }
 
+/* Asks the host, when it wants to be asked; the token (if any) was checked first. */
+static int ask_host(pl_conn *c, const pl_http_req *r, const char *query, size_t qlen,
+                    const char **err)
+{
+    if (!pl_hooks_want(c->p, PUSHLET_EVENT_AUTH_CONNECT)) {
+        c->auth_stage = PL_AUTH_CONNECT_OK;
+        return 0;
+    }
+    int status = pl_hooks_ask_connect(c, r, query, qlen);
+    if (status) {
+        *err = "authorization unavailable";
+        return status;
+    }
+    return PL_AUTH_WAIT;
+}
+
 int pl_auth_connection(pl_conn *c, const pl_http_req *r, const char *query, size_t qlen,
                        const char **err)
 {
     pushlet_t *p = c->p;
+    if (c->auth_stage >= PL_AUTH_CONNECT_OK)
+        return 0; /* the host answered, and the request is being routed again */
     const char *secret = p->cfg.jwt_secret;
     if (!secret || !*secret)
-        return 0;
+        return ask_host(c, r, query, qlen, err);
     size_t len = 0;
     char *from_query = NULL;
     const char *token = pl_http_header(r, "authorization", &len);
@@ -62,7 +80,11 @@ int pl_auth_connection(pl_conn *c, const pl_http_req *r, const char *query, size
         return status;
     }
     c->auth = claims;
-    return 0;
+    if (claims->sub && !c->user) {
+        c->user = strdup(claims->sub);
+        c->user_len = c->user ? strlen(c->user) : 0;
+    }
+    return ask_host(c, r, query, qlen, err);
 }
 
 bool pl_auth_topic(pl_conn *c, const char *topic, size_t len)

@@ -130,6 +130,7 @@ static void begin_stop(pushlet_t *p)
     for (pl_link *l = p->conns_stream.next, *next; l != &p->conns_stream; l = next) {
         next = l->next;
         pl_conn *c = pl_container_of(l, pl_conn, link);
+        c->why = "server stopping";
         if (c->kind == PL_CONN_WS)
             pl_ws_close(c, 1001, "server stopping");
         else
@@ -154,10 +155,14 @@ static void on_wake(uv_async_t *a)
     /* Read the stop flag before taking the list: stop closes the inbox before setting it, so
      * this take then holds every message published before the stop. */
     bool stop = __atomic_load_n(&p->stop_requested, __ATOMIC_ACQUIRE);
+    pl_hooks_take_answers(p);
     pl_msg *m = pl_inbox_take_all(&p->inbox);
     while (m) {
         pl_msg *next = m->next;
-        pl_broker_dispatch(p, m, NULL);
+        if (m->target == PL_TO_TOPIC)
+            pl_broker_dispatch(p, m, NULL);
+        else
+            pl_hooks_dispatch(p, m);
         m = next;
     }
     if (stop && !p->stopping)
@@ -169,6 +174,7 @@ static void on_prepare(uv_prepare_t *h) { pl_conns_flush(h->loop->data); }
 static void on_tick(uv_timer_t *t)
 {
     pl_conns_sweep_timeouts(t->loop->data);
+    pl_hooks_expire(t->loop->data);
     pl_history_trim(t->loop->data, true);
 }
 
@@ -248,7 +254,10 @@ static void release_loop_state(pushlet_t *p)
     p->deflate = NULL;
     pl_history_clear(p);
     p->topics.on_drop = NULL;
+    uv_mutex_lock(&p->topics_mu);
     pl_topics_destroy(&p->topics);
+    uv_mutex_unlock(&p->topics_mu);
+    pl_hooks_release(p);
     free(p->tomb_hash);
     free(p->tomb_seq);
     p->tomb_hash = p->tomb_seq = NULL;
@@ -312,6 +321,7 @@ int pl_broker_start(pushlet_t *p)
     p->kept_bytes = p->kept_count = 0;
     p->refill = NULL;
     pl_topics_init(&p->topics);
+    p->topics.mu = &p->topics_mu;
     p->topics.on_new = pl_history_topic_init;
     p->topics.on_drop = pl_history_topic_dropped;
     p->tomb_hash = calloc(PL_TOMBSTONES, sizeof(uint64_t));
@@ -359,7 +369,9 @@ int pl_broker_start(pushlet_t *p)
                        (uint64_t)p->cfg.heartbeat_ms);
     pl_inbox_open(&p->inbox, &p->wake, (size_t)p->cfg.max_queued_messages,
                   (size_t)p->cfg.max_queued_bytes, (size_t)p->cfg.max_message_size);
+    pl_hooks_open(p);
     if (uv_thread_create(&p->thread, loop_main, p) != 0) {
+        pl_hooks_close(p);
         pl_inbox_close(&p->inbox);
         abandon_loop(p);
         return PUSHLET_ESYSTEM;
@@ -369,7 +381,9 @@ int pl_broker_start(pushlet_t *p)
 
 void pl_broker_stop(pushlet_t *p)
 {
-    /* Publishes accepted before this point are delivered; later ones get PUSHLET_ESTOPPED. */
+    /* Publishes accepted before this point are delivered; later ones get PUSHLET_ESTOPPED. Auth
+     * answers from now on no longer wake the loop (which only closes connections now). */
+    pl_hooks_close(p);
     pl_inbox_close(&p->inbox);
     __atomic_store_n(&p->stop_requested, true, __ATOMIC_RELEASE);
     uv_async_send(&p->wake);

@@ -41,7 +41,9 @@ void pl_conn_accept(pushlet_t *p)
         return;
     }
     c->p = p;
+    c->id = ++p->next_conn_id;
     pl_list_init(&c->link);
+    pl_list_init(&c->requests);
     if (uv_tcp_init(&p->loop, &c->tcp) != 0) {
         free(c);
         return;
@@ -83,9 +85,81 @@ void pl_conn_accept(pushlet_t *p)
 
 /* ---- Reading -------------------------------------------------------------------------------- */
 
+#define MAX_STASH PL_READ_BUF_SIZE /* input kept while a request waits for the host */
+
+/* Keeps input that arrives while the connection's request waits for the host's answer. */
+static void stash(pl_conn *c, const char *data, size_t len)
+{
+    if (len == 0)
+        return;
+    char *ns = c->stash_len + len <= MAX_STASH ? realloc(c->stash, c->stash_len + len) : NULL;
+    if (!ns) {
+        pl_conn_close(c, "too much input while waiting for authorization");
+        return;
+    }
+    memcpy(ns + c->stash_len, data, len);
+    c->stash = ns;
+    c->stash_len += len;
+}
+
+static void read_requests(pl_conn *c, const char *data, size_t len);
+
+/* After a request was routed: `data, len` is what followed it. Returns false when the
+ * connection reads no more requests. */
+static bool after_route(pl_conn *c, const char **data, size_t *len)
+{
+    pushlet_t *p = c->p;
+    if (c->parked) {              /* waiting for the host: the request stays, input waits with it */
+        c->deadline = UINT64_MAX; /* its auth request has a deadline of its own */
+        stash(c, *data, *len);
+        return false;
+    }
+    if (c->kind == PL_CONN_WS && *len > 0 && !c->closing && !c->ending) {
+        /* Frames sent right behind the upgrade request, in the same read. The read buffer is
+         * the broker's own (or the stash), so unmasking in place is fine. */
+        pl_ws_on_read(c, (uint8_t *)(uintptr_t)*data, *len);
+        *len = 0;
+    }
+    if (c->kind != PL_CONN_HTTP || c->ending || c->closing || *len == 0) {
+        pl_http_req_free(c->req);
+        c->req = NULL;
+        c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.keepalive_timeout_ms;
+        return false;
+    }
+    pl_http_req_reset(c->req); /* a pipelined request follows: its own head deadline */
+    c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.header_timeout_ms;
+    return true;
+}
+
+static void route(pl_conn *c)
+{
+    c->head_req = c->req->parser.method == HTTP_HEAD;
+    pl_route(c, c->req);
+    c->head_req = false;
+}
+
+void pl_conn_unpark(pl_conn *c)
+{
+    c->parked = false;
+    char *input = c->stash;
+    size_t len = c->stash_len;
+    c->stash = NULL;
+    c->stash_len = 0;
+    if (!c->ending && !c->closing)
+        route(c); /* again: the stages already answered are passed (c->auth_stage) */
+    const char *data = input;
+    if (after_route(c, &data, &len))
+        read_requests(c, data, len);
+    free(input);
+}
+
 static void read_requests(pl_conn *c, const char *data, size_t len)
 {
     pushlet_t *p = c->p;
+    if (c->parked) {
+        stash(c, data, len);
+        return;
+    }
     while (len > 0 && c->kind == PL_CONN_HTTP && !c->ending && !c->closing) {
         if (!c->req) {
             c->req = pl_http_req_new(&p->limits);
@@ -118,23 +192,9 @@ static void read_requests(pl_conn *c, const char *data, size_t len)
         }
         c->keep_alive = pl_http_keep_alive(c->req);
         c->http10 = c->req->parser.http_minor == 0;
-        c->head_req = c->req->parser.method == HTTP_HEAD;
-        pl_route(c, c->req);
-        c->head_req = false;
-        if (c->kind == PL_CONN_WS && len > 0 && !c->closing && !c->ending) {
-            /* Frames sent right behind the upgrade request, in the same read. The read buffer
-             * is the broker's own, so unmasking in place is fine. */
-            pl_ws_on_read(c, (uint8_t *)(uintptr_t)data, len);
-            len = 0;
-        }
-        if (c->kind != PL_CONN_HTTP || c->ending || c->closing || len == 0) {
-            pl_http_req_free(c->req);
-            c->req = NULL;
-            c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.keepalive_timeout_ms;
-        } else {
-            pl_http_req_reset(c->req); /* a pipelined request follows: its own head deadline */
-            c->deadline = uv_now(&p->loop) + (uint64_t)p->cfg.header_timeout_ms;
-        }
+        route(c);
+        if (!after_route(c, &data, &len))
+            return;
     }
 }
 
@@ -368,7 +428,9 @@ void pl_conn_close(pl_conn *c, const char *reason)
 {
     if (c->closing)
         return;
-    pl_debug(c->p, "conn", "closing connection: %s", reason);
+    pl_log_conn(c, PUSHLET_LOG_DEBUG, "conn", "closing connection: %s", reason);
+    if (!c->why)
+        c->why = reason;
     c->closing = true;
     c->next_closing = c->p->closing;
     c->p->closing = c;
@@ -402,6 +464,7 @@ static void reap(pl_conn *c)
         *pp = c->next_refill;
         c->refill_queued = false;
     }
+    pl_hooks_conn_gone(c);    /* unsubscribed and disconnected events, pending requests */
     if (c->subscriber.subs) { /* also frees the array of one that unsubscribed from all */
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
         pl_sync_topic_stats(p);

@@ -83,10 +83,18 @@ typedef enum {
 
 /* A published message: created (and its strings copied) by the publishing thread, handed to the
  * loop through the inbox, then owned by the loop. Encoded lazily, once per wire format. */
+/* What a message from the inbox is for: most go to a topic; the host's targeted sends and closes
+ * (hooks.c) travel the same way, so they keep their order with publishes. */
+enum { PL_TO_TOPIC = 0, PL_TO_CONNECTION, PL_TO_USER, PL_CLOSE_CONNECTION };
+
 typedef struct pl_msg {
     struct pl_msg *next; /* inbox link */
     uint32_t refs;
-    bool to_all; /* publish-to-all rather than to `topic` */
+    bool to_all;        /* publish-to-all rather than to `topic` (with target PL_TO_TOPIC) */
+    uint8_t target;     /* PL_TO_*; for PL_TO_USER `topic` holds the user id */
+    uint64_t target_id; /* PL_TO_CONNECTION, PL_CLOSE_CONNECTION: the connection; for a close,
+                           `seq` holds the code and `data` the reason */
+    char *user;         /* PL_TO_USER: the user id (malloc'd) */
     uint8_t id_len;
     uint16_t topic_len, event_len;
     uint32_t data_len;
@@ -199,6 +207,8 @@ struct pl_subscriber {
 };
 
 typedef struct pl_topics {
+    uv_mutex_t *mu;   /* when set, held while the table or a subscriber count changes (readers on
+                         other threads take it; the loop thread reads without) */
     pl_topic **slots; /* open addressing, linear probing, backward-shift deletion */
     uint32_t cap;     /* power of two */
     uint32_t count;
@@ -225,6 +235,19 @@ int pl_topics_unsubscribe(pl_topics *t, pl_subscriber *s, const char *name, size
 void pl_topics_unsubscribe_all(pl_topics *t, pl_subscriber *s) PL_HIDDEN;
 /* Frees the topic if nothing holds it any more (no subscriber, no kept message). */
 void pl_topics_release(pl_topics *t, pl_topic *tp) PL_HIDDEN;
+
+/* ---- Id maps (idmap.c): uint64 id (never 0) -> pointer; callers do their own locking -------- */
+
+typedef struct pl_idmap {
+    uint64_t *keys; /* 0 = empty slot */
+    void **vals;
+    uint32_t cap, count;
+} pl_idmap;
+
+void *pl_idmap_get(const pl_idmap *m, uint64_t id) PL_HIDDEN;
+int pl_idmap_put(pl_idmap *m, uint64_t id, void *val) PL_HIDDEN; /* 0 or PUSHLET_ENOMEM */
+void *pl_idmap_remove(pl_idmap *m, uint64_t id) PL_HIDDEN;       /* the value, or NULL */
+void pl_idmap_destroy(pl_idmap *m) PL_HIDDEN;
 
 /* ---- Positions, cursors and history (cursor.c, history.c) ---------------------------------- */
 
@@ -392,13 +415,31 @@ bool pl_utf8_valid(const uint8_t *s, size_t len) PL_HIDDEN;
 
 /* ---- Logging and the pull queue (events.c) ------------------------------------------------- */
 
+/* The strings of an event; each is NUL-terminated inside `data` (offset 0 is an empty string). */
+enum {
+    PL_EV_TEXT = 0,
+    PL_EV_USER,
+    PL_EV_META,
+    PL_EV_TOPIC,
+    PL_EV_METHOD,
+    PL_EV_PATH,
+    PL_EV_QUERY,
+    PL_EV_REMOTE,
+    PL_EV_FIELDS
+};
+
 struct pushlet_event {
     struct pushlet_event *next;
     int type;
     int level;
+    int transport;
+    bool binary;
+    uint64_t request, connection;
     char component[16];
-    size_t len;
-    char text[];
+    pl_span field[PL_EV_FIELDS];
+    uint32_t nheaders;
+    pl_span *headers; /* 2 x nheaders spans (name, value), inside this allocation */
+    char data[];
 };
 
 typedef struct pl_events {
@@ -411,10 +452,20 @@ typedef struct pl_events {
 
 int pl_events_init(pl_events *ev) PL_HIDDEN;
 void pl_events_destroy(pl_events *ev) PL_HIDDEN;
-void pl_events_push(pl_events *ev, pushlet_event_t *e) PL_HIDDEN; /* Thread: any */
+/* Takes `e`; false when the queue was full (e freed, counted). Thread: any */
+bool pl_events_push(pl_events *ev, pushlet_event_t *e) PL_HIDDEN;
+/* A new event whose strings are `str[PL_EV_*]` (NULL = absent; `len` NULL = strlen) plus the
+ * header fields of `r` (may be NULL). NULL when out of memory. */
+pushlet_event_t *pl_event_new(int type, const char *const str[PL_EV_FIELDS],
+                              const size_t len[PL_EV_FIELDS], const pl_http_req *r) PL_HIDDEN;
 
 void pl_log(pushlet_t *p, int level, const char *component, const char *fmt, ...)
     PL_PRINTF(4, 5) PL_HIDDEN; /* Thread: any */
+struct pl_conn;
+/* A record about a connection: its id, user and peer are appended as key=value fields, and the
+ * queued event carries the connection id. Loop thread. */
+void pl_log_conn(const struct pl_conn *c, int level, const char *component, const char *fmt, ...)
+    PL_PRINTF(4, 5) PL_HIDDEN;
 #define pl_debug(p, c, ...) pl_log((p), PUSHLET_LOG_DEBUG, (c), __VA_ARGS__)
 #define pl_info(p, c, ...)  pl_log((p), PUSHLET_LOG_INFO, (c), __VA_ARGS__)
 #define pl_warn(p, c, ...)  pl_log((p), PUSHLET_LOG_WARN, (c), __VA_ARGS__)
@@ -450,6 +501,22 @@ typedef struct pl_conn {
     bool catching_up;           /* some subscription is fed from history (history.c) */
     bool refill_queued;
     struct pl_conn *next_refill;
+    /* Identity and the host's hooks (hooks.c). */
+    uint64_t id;       /* unique per broker, never reused */
+    char *user, *meta; /* user id and metadata: a token's `sub`, or the host's allow */
+    size_t user_len, meta_len;
+    uint8_t auth_stage;        /* PL_AUTH_* of the request being answered */
+    uint16_t topics_waiting;   /* initial topics whose subscribe request is unanswered */
+    uint16_t commands_waiting; /* WebSocket subscribe commands awaiting the host */
+    pl_link requests;          /* its unanswered auth requests (pl_request.by_conn) */
+    bool parked;               /* its request waits for the host: input is stashed meanwhile */
+    bool registered;           /* open and known to the host: connected event sent */
+    char *stash;               /* input that arrived while parked */
+    size_t stash_len;
+    const char *why; /* why it closed (static text), for the disconnected event */
+    struct pl_conn *next_by_user;
+    double msg_tokens; /* client messages allowed now (a token bucket) */
+    uint64_t msg_token_ms;
 } pl_conn;
 
 void pl_conn_accept(pushlet_t *p) PL_HIDDEN;
@@ -527,12 +594,63 @@ void pl_catch_up_queue(pl_conn *c) PL_HIDDEN;
 /* ---- Authorisation (auth.c) ----------------------------------------------------------------- */
 
 /* Before a stream starts or an upgrade completes: 0 = allowed (the token's claims kept on `c`),
- * else the HTTP status to answer (401, 503) with `*err` set. */
+ * PL_AUTH_WAIT = asked the host (the connection is parked until it answers), else the HTTP status
+ * to answer (401, 503) with `*err` set. */
+#define PL_AUTH_WAIT (-1)
 int pl_auth_connection(pl_conn *c, const pl_http_req *r, const char *query, size_t qlen,
                        const char **err) PL_HIDDEN;
 /* May `c` subscribe to this topic? (Counts a refusal.) */
 bool pl_auth_topic(pl_conn *c, const char *topic, size_t len) PL_HIDDEN;
 void pl_auth_free(pl_conn *c) PL_HIDDEN;
+
+/* ---- Hooks (hooks.c): auth requests, lifecycle events, client messages, targeted sends ----- */
+
+/* Where a connection's request stands with the host. */
+enum {
+    PL_AUTH_NONE = 0,
+    PL_AUTH_CONNECT_WAIT,
+    PL_AUTH_CONNECT_OK,
+    PL_AUTH_TOPICS_WAIT,
+    PL_AUTH_TOPICS_OK
+};
+
+/* Whether the handler or the pull queue takes events of `kind`. */
+bool pl_hooks_want(const pushlet_t *p, int kind) PL_HIDDEN;
+/* Asks the host about `c`'s connection (the request `r` with its query). 0 = asked (parked),
+ * else the HTTP status to answer at once (503: the event could not be delivered). */
+int pl_hooks_ask_connect(pl_conn *c, const pl_http_req *r, const char *query,
+                         size_t qlen) PL_HIDDEN;
+/* Asks about each initial topic: 0 = nothing to ask (all allowed), PL_AUTH_WAIT = asked, 503. */
+int pl_hooks_ask_topics(pl_conn *c, char (*topics)[256], const size_t *lens, size_t n) PL_HIDDEN;
+/* Asks about a WebSocket subscribe command: 0 = asked, 1 = already being asked, 503. */
+int pl_hooks_ask_command(pl_conn *c, const char *topic, size_t len,
+                         const pl_position *since) PL_HIDDEN;
+/* An unsubscribe cancels a pending subscribe command: true when there was one. */
+bool pl_hooks_cancel_command(pl_conn *c, const char *topic, size_t len) PL_HIDDEN;
+/* Answers that arrived, and requests past their deadline (loop thread). */
+void pl_hooks_take_answers(pushlet_t *p) PL_HIDDEN;
+void pl_hooks_expire(pushlet_t *p) PL_HIDDEN;
+/* Lifecycle: a stream or WebSocket opened (its initial subscriptions follow), a subscription
+ * changed, the connection is being reaped. */
+void pl_hooks_connected(pl_conn *c) PL_HIDDEN;
+void pl_hooks_subscribed(pl_conn *c, const pl_topic *t) PL_HIDDEN;
+void pl_hooks_unsubscribed(pl_conn *c, const pl_topic *t, const char *reason) PL_HIDDEN;
+void pl_hooks_conn_gone(pl_conn *c) PL_HIDDEN;
+/* A WebSocket message that is no command: true when the host takes it. */
+bool pl_hooks_client_message(pl_conn *c, const uint8_t *data, size_t len, bool binary) PL_HIDDEN;
+/* A targeted send or close from the inbox (m->target != PL_TO_TOPIC); takes `m`. */
+void pl_hooks_dispatch(pushlet_t *p, pl_msg *m) PL_HIDDEN;
+/* At start and stop (loop side): open and close the answer path, free what is left. */
+void pl_hooks_open(pushlet_t *p) PL_HIDDEN;
+void pl_hooks_close(pushlet_t *p) PL_HIDDEN;
+void pl_hooks_release(pushlet_t *p) PL_HIDDEN;
+/* Continue a parked request once its answer came (conn.c). */
+void pl_conn_unpark(pl_conn *c) PL_HIDDEN;
+/* A WebSocket subscribe command the host allowed (ws.c). */
+void pl_ws_subscribe(pl_conn *c, const char *topic, size_t len, const pl_position *since) PL_HIDDEN;
+/* A reply to a WebSocket client: {"event":E,"topic":T,"reason":R,"data":D} (ws.c). */
+void pl_ws_reply(pl_conn *c, const char *event, const char *topic, const char *reason,
+                 const char *message) PL_HIDDEN;
 
 /* ---- Routing (router.c) -------------------------------------------------------------------- */
 
@@ -575,7 +693,8 @@ typedef struct pl_config {
     int64_t max_output_bytes, max_topics_per_connection, max_queued_messages, max_queued_bytes;
     int64_t max_pending_events, http_publish, log_level;
     int64_t history_size, history_age_ms, history_max_bytes, slow_consumer_policy;
-    int64_t max_subscribes_per_sec, max_body_size, close_timeout_ms;
+    int64_t max_subscribes_per_sec, max_body_size, close_timeout_ms, auth_timeout_ms;
+    int64_t max_client_messages_per_sec;
     char *sse_path, *ws_path, *publish_path, *publish_all_path, *send_path, *stats_path,
         *health_path, *cors_origin, *publish_secret, *index_html, *ws_origins, *history_rules,
         *jwt_secret, *metrics_path;
@@ -605,6 +724,23 @@ struct pushlet {
     int log_fn_level;
     int log_level; /* atomic: least level for the pull queue */
     pl_events events;
+
+    /* Hooks (hooks.c). The handler triple is fixed while running. */
+    pushlet_event_fn hook_fn;
+    void *hook_ud;
+    uint32_t hook_mask;
+    uv_mutex_t hooks_mu;    /* guards what other threads reach: the three maps below, `answered`,
+                               `hooks_open` */
+    pl_idmap requests;      /* request id -> pl_request, while unanswered */
+    pl_idmap conns_by_id;   /* connection id -> open pl_conn (registered ones) */
+    pl_conn **user_buckets; /* registered connections with a user id, chained by user hash */
+    uint32_t user_cap, user_count;
+    struct pl_request *answered, **answered_tail;
+    bool hooks_open;       /* answers may wake the loop */
+    pl_link pending;       /* loop: unanswered requests, oldest first (deadlines) */
+    uint64_t next_request; /* loop */
+    uint64_t next_conn_id; /* loop; survives restarts so ids are never reused */
+    uv_mutex_t topics_mu;  /* the topic registry's structure, for pushlet_topic_subscribers */
 
     pl_inbox inbox;
     int64_t stats[PUSHLET_STAT_COUNT];

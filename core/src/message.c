@@ -67,6 +67,7 @@ void pl_msg_unref(pl_msg *m)
     if (m && --m->refs == 0) {
         for (int i = 0; i < PL_FMT_COUNT; i++)
             pl_buf_unref(m->enc[i]);
+        free(m->user);
         free(m);
     }
 }

@@ -28,6 +28,7 @@ const char *pushlet_strerror(int code)
     case PUSHLET_EADDRINUSE: return "listen address already in use";
     case PUSHLET_ELISTEN: return "cannot listen on the given address";
     case PUSHLET_ESYSTEM: return "operating system resource unavailable";
+    case PUSHLET_ENOENT: return "no such request or connection";
     default: return "unknown error";
     }
 }
@@ -70,6 +71,8 @@ static const int_option int_options[] = {
     INT_OPT(PUSHLET_OPT_MAX_SUBSCRIBES_PER_SEC, max_subscribes_per_sec, 100, 1, 1000000),
     INT_OPT(PUSHLET_OPT_MAX_BODY_SIZE, max_body_size, 0, 0, (int64_t)1 << 30),
     INT_OPT(PUSHLET_OPT_CLOSE_TIMEOUT_MS, close_timeout_ms, 2000, 1, 3600000),
+    INT_OPT(PUSHLET_OPT_AUTH_TIMEOUT_MS, auth_timeout_ms, 5000, 1, 3600000),
+    INT_OPT(PUSHLET_OPT_MAX_CLIENT_MESSAGES_PER_SEC, max_client_messages_per_sec, 100, 1, 1000000),
 };
 
 typedef struct str_option {
@@ -264,7 +267,9 @@ int pushlet_new(pushlet_t **out)
     strcpy(p->cfg.host, "127.0.0.1");
     p->cfg.port = 8080;
     int rc = ok ? 0 : PUSHLET_ENOMEM;
-    bool mu = false, cv = false, log_mu = false, events = false, inbox = false;
+    bool mu = false, cv = false, log_mu = false, events = false, inbox = false, hooks = false,
+         topics = false;
+    p->answered_tail = &p->answered;
     if (!rc)
         rc = (mu = uv_mutex_init(&p->state_mu) == 0) ? 0 : PUSHLET_ESYSTEM;
     if (!rc)
@@ -275,7 +280,15 @@ int pushlet_new(pushlet_t **out)
         rc = (events = pl_events_init(&p->events) == 0) ? 0 : PUSHLET_ESYSTEM;
     if (!rc)
         rc = (inbox = pl_inbox_init(&p->inbox) == 0) ? 0 : PUSHLET_ESYSTEM;
+    if (!rc)
+        rc = (hooks = uv_mutex_init(&p->hooks_mu) == 0) ? 0 : PUSHLET_ESYSTEM;
+    if (!rc)
+        rc = (topics = uv_mutex_init(&p->topics_mu) == 0) ? 0 : PUSHLET_ESYSTEM;
     if (rc) {
+        if (topics)
+            uv_mutex_destroy(&p->topics_mu);
+        if (hooks)
+            uv_mutex_destroy(&p->hooks_mu);
         if (inbox)
             pl_inbox_destroy(&p->inbox);
         if (events)
@@ -356,6 +369,8 @@ int pushlet_free(pushlet_t *p)
     pl_inbox_destroy(&p->inbox);
     pl_events_destroy(&p->events);
     uv_mutex_destroy(&p->log_mu);
+    uv_mutex_destroy(&p->hooks_mu);
+    uv_mutex_destroy(&p->topics_mu);
     uv_cond_destroy(&p->state_cv);
     uv_mutex_destroy(&p->state_mu);
     for (size_t i = 0; i < COUNT(str_options); i++)

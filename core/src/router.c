@@ -146,6 +146,13 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
         memcpy(topics[0], "default", 8);
         lens[n++] = 7;
     }
+    rc = pl_hooks_ask_topics(c, topics, lens, n);
+    if (rc == PL_AUTH_WAIT)
+        return PL_AUTH_WAIT; /* routed again once the host allowed every topic */
+    if (rc) {
+        *err = "authorization unavailable";
+        return rc;
+    }
     for (size_t i = 0; i < n; i++) {
         if (pl_topics_subscribe(&p->topics, &c->subscriber, topics[i], lens[i]) < 0) {
             pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
@@ -205,11 +212,15 @@ static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen
     pushlet_t *p = c->p;
     const char *err;
     int status = pl_auth_connection(c, r, query, qlen, &err);
+    if (status == PL_AUTH_WAIT)
+        return;
     if (status) {
         pl_respond_text(c, status, status == 401 ? "WWW-Authenticate: Bearer\r\n" : "", err);
         return;
     }
     status = pl_subscribe_query(c, query, qlen, true, &err);
+    if (status == PL_AUTH_WAIT)
+        return;
     if (status) {
         pl_respond_text(c, status, "", err);
         return;
@@ -253,6 +264,7 @@ static void start_sse(pl_conn *c, pl_http_req *r, const char *query, size_t qlen
     pl_conn_send(c, b);
     pl_buf_unref(b);
     pl_resume_all(c, fit, pos, NULL);
+    pl_hooks_connected(c);
 }
 
 /* ---- Publishing over HTTP ------------------------------------------------------------------- */
@@ -385,6 +397,10 @@ static void handle_stats(pl_conn *c, bool head_only)
         "timeouts",
         "slow_consumer_lags",
         "auth_denied",
+        "auth_pending",
+        "auth_timeouts",
+        "client_messages",
+        "events_dropped",
     };
     char body[2048];
     size_t n = 0;

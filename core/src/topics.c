@@ -37,6 +37,20 @@ static uint32_t hash_name(const char *s, size_t len)
 
 void pl_topics_init(pl_topics *t) { memset(t, 0, sizeof(*t)); }
 
+/* Structural changes and subscriber counts are written under t->mu (when set) so that other
+ * threads can read a topic's count; the loop thread, the only writer, reads without it. */
+static void lock(const pl_topics *t)
+{
+    if (t->mu)
+        uv_mutex_lock(t->mu);
+}
+
+static void unlock(const pl_topics *t)
+{
+    if (t->mu)
+        uv_mutex_unlock(t->mu);
+}
+
 void pl_topics_destroy(pl_topics *t)
 {
     for (uint32_t i = 0; i < t->cap; i++) {
@@ -116,20 +130,27 @@ static int find_sub(const pl_subscriber *s, const pl_topic *tp)
 
 pl_topic *pl_topics_get(pl_topics *t, const char *name, size_t len)
 {
-    if ((t->count + 1) * 4 > t->cap * 3 && grow_table(t) != 0)
-        return NULL;
     uint32_t h = hash_name(name, len);
-    uint32_t slot = probe(t, name, len, h);
-    if (t->slots[slot])
-        return t->slots[slot];
+    if (t->count > 0) {
+        pl_topic *found = t->slots[probe(t, name, len, h)];
+        if (found)
+            return found;
+    }
     pl_topic *tp = calloc(1, sizeof(*tp) + len + 1);
     if (!tp)
         return NULL;
     tp->hash = h;
     tp->name_len = (uint16_t)len;
     memcpy(tp->name, name, len);
-    t->slots[slot] = tp;
+    lock(t);
+    if ((t->count + 1) * 4 > t->cap * 3 && grow_table(t) != 0) {
+        unlock(t);
+        free(tp);
+        return NULL;
+    }
+    t->slots[probe(t, name, len, h)] = tp;
     t->count++;
+    unlock(t);
     if (t->on_new)
         t->on_new(t->ctx, tp);
     return tp;
@@ -165,7 +186,9 @@ int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t
     }
     tp->subs[tp->nsubs] = (pl_topic_sub){s, s->nsubs, PL_SUB_LIVE};
     s->subs[s->nsubs] = (pl_sub){tp, tp->nsubs, tp->seq};
+    lock(t);
     tp->nsubs++;
+    unlock(t);
     s->nsubs++;
     t->subscriptions++;
     return 0;
@@ -177,7 +200,9 @@ static void unlink_sub(pl_topics *t, pl_subscriber *s, int k)
     uint32_t idx = s->subs[k].index;
 
     /* Swap-remove from the topic, then fix the moved entry's back pointer. */
+    lock(t);
     tp->subs[idx] = tp->subs[--tp->nsubs];
+    unlock(t);
     if (idx < tp->nsubs) {
         pl_topic_sub *moved = &tp->subs[idx];
         moved->sub->subs[moved->slot].index = idx;
@@ -207,7 +232,9 @@ void pl_topics_release(pl_topics *t, pl_topic *tp)
         return;
     if (t->on_drop)
         t->on_drop(t->ctx, tp);
+    lock(t);
     remove_slot(t, probe(t, tp->name, tp->name_len, tp->hash));
+    unlock(t);
     free(tp->subs);
     free(tp->ring);
     free(tp);

@@ -19,7 +19,6 @@ struct pl_ws_conn {
     pl_ws_parser parser;
     uint8_t *msg; /* a message arriving in pieces; NULL otherwise */
     size_t msg_len, msg_cap;
-    uint8_t msg_opcode;
     bool awaiting_pong, close_sent, deflate;
     bool failed;       /* closed for a protocol error: the parser's state means nothing any more */
     double tokens;     /* (un)subscribe commands allowed now (a token bucket) */
@@ -81,8 +80,16 @@ static void reply_id(pl_conn *c, const char *event, const char *topic, const cha
         n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"topic\":\"%s\"", topic);
     if (reason)
         n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"reason\":\"%s\"", reason);
-    if (message)
-        n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"data\":\"%s\"", message);
+    if (message) {
+        /* Host-given reasons are one line of at most 120 bytes, but may hold quotes. */
+        n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"data\":\"");
+        for (const char *m = message; *m && n < (int)sizeof(out) - 16; m++) {
+            if (*m == '"' || *m == '\\')
+                out[n++] = '\\';
+            out[n++] = *m;
+        }
+        n += snprintf(out + n, sizeof(out) - (size_t)n, "\"");
+    }
     if (id)
         n += snprintf(out + n, sizeof(out) - (size_t)n, ",\"id\":\"%s\"", id);
     n += snprintf(out + n, sizeof(out) - (size_t)n, "}");
@@ -91,6 +98,12 @@ static void reply_id(pl_conn *c, const char *event, const char *topic, const cha
 
 static void reply(pl_conn *c, const char *event, const char *topic, const char *reason,
                   const char *message)
+{
+    reply_id(c, event, topic, reason, message, NULL);
+}
+
+void pl_ws_reply(pl_conn *c, const char *event, const char *topic, const char *reason,
+                 const char *message)
 {
     reply_id(c, event, topic, reason, message, NULL);
 }
@@ -109,6 +122,8 @@ void pl_ws_close(pl_conn *c, uint16_t code, const char *reason)
     pl_ws_conn *ws = c->ws;
     if (c->closing || c->ending)
         return;
+    if (!c->why)
+        c->why = reason; /* static text, except from the host, which sets `why` first */
     if (!ws->close_sent) {
         uint8_t payload[2 + CLOSE_REASON_MAX];
         size_t rlen = reason ? strlen(reason) : 0;
@@ -272,31 +287,28 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
             format = msgpack ? PL_FMT_WS_MSGPACK : PL_FMT_WS_JSON;
     }
 
-    pl_ws_conn *ws = calloc(1, sizeof(*ws));
-    if (!ws) {
-        pl_respond_text(c, 503, "", "out of memory");
-        return;
-    }
     const char *err;
     int status = pl_auth_connection(c, r, query, qlen, &err);
+    if (status == PL_AUTH_WAIT)
+        return; /* routed again once the host answered */
     if (status) {
-        free(ws);
         pl_respond_text(c, status, status == 401 ? "WWW-Authenticate: Bearer\r\n" : "", err);
         return;
     }
     status = pl_subscribe_query(c, query, qlen, false, &err);
+    if (status == PL_AUTH_WAIT)
+        return;
     if (status) {
-        free(ws);
         pl_respond_text(c, status, "", err);
         return;
     }
     pl_position pos[PL_CURSOR_MAX_POSITIONS];
     int fit = pl_read_cursor(c, NULL, 0, query, qlen, pos, &err);
-    if (fit < -1) {
-        free(ws);
+    pl_ws_conn *ws = fit < -1 ? NULL : calloc(1, sizeof(*ws));
+    if (!ws) {
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
         pl_sync_topic_stats(p);
-        pl_respond_text(c, -fit, "", err);
+        pl_respond_text(c, fit < -1 ? -fit : 503, "", fit < -1 ? err : "out of memory");
         return;
     }
     ws->tokens = (double)p->cfg.max_subscribes_per_sec;
@@ -344,6 +356,7 @@ void pl_ws_upgrade(pl_conn *c, pl_http_req *r, const char *query, size_t qlen)
     PL_STAT_ADD(p, PUSHLET_STAT_WS_CONNECTIONS, 1);
     reply(c, "connected", NULL, NULL, "Connection established");
     pl_resume_all(c, fit, pos, announce_subscription);
+    pl_hooks_connected(c);
 }
 
 /* ---- Commands ------------------------------------------------------------------------------- */
@@ -424,12 +437,88 @@ static bool take_token(pl_conn *c)
     return true;
 }
 
-static void command(pl_conn *c, const uint8_t *data, size_t len)
+static int subscription_of(const pl_conn *c, const pl_topic *t)
+{
+    for (uint16_t i = 0; t && i < c->subscriber.nsubs; i++)
+        if (c->subscriber.subs[i].topic == t)
+            return i;
+    return -1;
+}
+
+void pl_ws_subscribe(pl_conn *c, const char *topic, size_t len, const pl_position *since)
+{
+    pushlet_t *p = c->p;
+    pl_topic *t = pl_topics_find(&p->topics, topic, len);
+    int k = subscription_of(c, t);
+    if (k >= 0) {
+        /* Already subscribed (and live or catching up): nothing was missed. */
+        const pl_sub *s = &c->subscriber.subs[k];
+        bool live = t->subs[s->index].state == PL_SUB_LIVE;
+        char id[PL_ID_MAX];
+        pl_position_format(id, (pl_position){t->epoch, live ? t->seq : s->seq});
+        reply_id(c, "subscribed", topic, NULL, NULL, id);
+    } else if (!pl_auth_topic(c, topic, len)) {
+        reply(c, "error", topic, "forbidden", "not allowed to subscribe to this topic");
+    } else if (c->subscriber.nsubs >= p->cfg.max_topics_per_connection) {
+        PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
+        reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");
+    } else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, len) < 0) {
+        reply(c, "error", topic, "internal", "out of memory");
+    } else {
+        uint16_t last = (uint16_t)(c->subscriber.nsubs - 1);
+        announce_subscription(c, last, since);
+        pl_resume(c, last, since);
+        pl_hooks_subscribed(c, c->subscriber.subs[last].topic);
+    }
+    pl_sync_topic_stats(p);
+}
+
+/* A subscribe the host is asked about first (when it wants to be). */
+static void subscribe(pl_conn *c, const pl_ws_command *cmd)
+{
+    pushlet_t *p = c->p;
+    const pl_position *since = cmd->has_since ? &cmd->since : NULL;
+    if (subscription_of(c, pl_topics_find(&p->topics, cmd->topic, cmd->topic_len)) >= 0 ||
+        !pl_hooks_want(p, PUSHLET_EVENT_AUTH_SUBSCRIBE)) {
+        pl_ws_subscribe(c, cmd->topic, cmd->topic_len, since);
+    } else if (!pl_auth_topic(c, cmd->topic, cmd->topic_len)) {
+        reply(c, "error", cmd->topic, "forbidden", "not allowed to subscribe to this topic");
+    } else if (c->subscriber.nsubs + c->commands_waiting >= p->cfg.max_topics_per_connection) {
+        PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
+        reply(c, "error", cmd->topic, "too_many_topics", "topic limit per connection reached");
+    } else if (pl_hooks_ask_command(c, cmd->topic, cmd->topic_len, since) > 1) {
+        reply(c, "error", cmd->topic, "internal", "authorization unavailable");
+    } /* else the host's answer replies (pl_ws_subscribe or a forbidden error) */
+}
+
+static void unsubscribe(pl_conn *c, const pl_ws_command *cmd)
+{
+    pushlet_t *p = c->p;
+    pl_topic *t = pl_topics_find(&p->topics, cmd->topic, cmd->topic_len);
+    if (subscription_of(c, t) >= 0) {
+        pl_hooks_unsubscribed(c, t, "unsubscribed"); /* before: the topic may go with it */
+        pl_topics_unsubscribe(&p->topics, &c->subscriber, cmd->topic, cmd->topic_len);
+        pl_sync_topic_stats(p);
+        reply(c, "unsubscribed", cmd->topic, NULL, NULL);
+    } else if (pl_hooks_cancel_command(c, cmd->topic, cmd->topic_len)) {
+        reply(c, "unsubscribed", cmd->topic, NULL, NULL); /* its subscribe never completed */
+    } else {
+        reply(c, "error", cmd->topic, "not_subscribed", "not subscribed to this topic");
+    }
+}
+
+static void command(pl_conn *c, const uint8_t *data, size_t len, bool binary)
 {
     pushlet_t *p = c->p;
     pl_ws_command cmd;
     if (pl_ws_parse_command(data, len, &cmd) != 0) {
-        reply(c, "error", cmd.topic_len ? cmd.topic : NULL, cmd.reason, cmd.detail);
+        /* Anything that is no command at all (not JSON, no or an unknown action) is the host's,
+         * when it takes client messages. */
+        bool not_a_command = strcmp(cmd.reason, "bad_json") == 0 ||
+                             strcmp(cmd.reason, "missing_action") == 0 ||
+                             strcmp(cmd.reason, "unknown_action") == 0;
+        if (!not_a_command || !pl_hooks_client_message(c, data, len, binary))
+            reply(c, "error", cmd.topic_len ? cmd.topic : NULL, cmd.reason, cmd.detail);
         return;
     }
     if (cmd.action == PL_WS_CMD_PING) {
@@ -442,38 +531,10 @@ static void command(pl_conn *c, const uint8_t *data, size_t len)
         reply(c, "error", topic, "rate_limited", "too many subscribe commands: slow down");
         return;
     }
-    if (cmd.action == PL_WS_CMD_SUBSCRIBE) {
-        pl_topic *t = pl_topics_find(&p->topics, topic, cmd.topic_len);
-        int k = -1;
-        for (uint16_t i = 0; t && i < c->subscriber.nsubs; i++)
-            if (c->subscriber.subs[i].topic == t)
-                k = i;
-        if (k >= 0) {
-            /* Already subscribed (and live or catching up): nothing was missed. */
-            const pl_sub *s = &c->subscriber.subs[k];
-            bool live = t->subs[s->index].state == PL_SUB_LIVE;
-            char id[PL_ID_MAX];
-            pl_position_format(id, (pl_position){t->epoch, live ? t->seq : s->seq});
-            reply_id(c, "subscribed", topic, NULL, NULL, id);
-        } else if (!pl_auth_topic(c, topic, cmd.topic_len)) {
-            reply(c, "error", topic, "forbidden", "not allowed to subscribe to this topic");
-        } else if (c->subscriber.nsubs >= p->cfg.max_topics_per_connection) {
-            PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
-            reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");
-        } else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) < 0) {
-            reply(c, "error", topic, "internal", "out of memory");
-        } else {
-            uint16_t last = (uint16_t)(c->subscriber.nsubs - 1);
-            const pl_position *from = cmd.has_since ? &cmd.since : NULL;
-            announce_subscription(c, last, from);
-            pl_resume(c, last, from);
-        }
-    } else if (pl_topics_unsubscribe(&p->topics, &c->subscriber, topic, cmd.topic_len) == 0) {
-        reply(c, "unsubscribed", topic, NULL, NULL);
-    } else {
-        reply(c, "error", topic, "not_subscribed", "not subscribed to this topic");
-    }
-    pl_sync_topic_stats(p);
+    if (cmd.action == PL_WS_CMD_SUBSCRIBE)
+        subscribe(c, &cmd);
+    else
+        unsubscribe(c, &cmd);
 }
 
 /* ---- Frames from the peer ------------------------------------------------------------------- */
@@ -492,6 +553,8 @@ static void control(pl_conn *c, const pl_ws_event *ev)
         else
             send_frame(c, PL_WS_CLOSE, NULL, 0);
         ws->close_sent = true;
+        if (!c->why)
+            c->why = "closed by the client";
         pl_conn_end(c);
     }
 }
@@ -512,7 +575,7 @@ static void compressed_command(pl_conn *c, uint8_t opcode, const uint8_t *data, 
     if (opcode == PL_WS_TEXT && !pl_utf8_valid(plain, plain_len))
         pl_ws_close(c, 1007, "invalid UTF-8");
     else
-        command(c, plain, plain_len);
+        command(c, plain, plain_len, opcode == PL_WS_BINARY);
     free(plain);
 }
 
@@ -523,7 +586,7 @@ static void data(pl_conn *c, const pl_ws_event *ev)
         if (ev->compressed)
             compressed_command(c, ev->opcode, ev->data, ev->len);
         else
-            command(c, ev->data, ev->len);
+            command(c, ev->data, ev->len, ev->opcode == PL_WS_BINARY);
         return;
     }
     if (ws->msg_len + ev->len > ws->msg_cap) {
@@ -544,7 +607,7 @@ static void data(pl_conn *c, const pl_ws_event *ev)
         if (ev->compressed)
             compressed_command(c, ev->opcode, ws->msg, ws->msg_len);
         else
-            command(c, ws->msg, ws->msg_len);
+            command(c, ws->msg, ws->msg_len, ev->opcode == PL_WS_BINARY);
         free(ws->msg);
         ws->msg = NULL;
         ws->msg_len = ws->msg_cap = 0;

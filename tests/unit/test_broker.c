@@ -161,7 +161,8 @@ Test(broker, option_validation)
     cr_assert_eq(pushlet_listen(p, "::1", 0), 0);
     cr_assert_eq(pushlet_listen(p, "127.0.0.1", 0), 0);
     /* the pull queue and the logger */
-    cr_assert_eq(pushlet_events_enable(p, 1u << 7), PUSHLET_EINVAL);
+    cr_assert_eq(pushlet_events_enable(p, 1u << 8), PUSHLET_EINVAL);
+    cr_assert_eq(pushlet_set_event_handler(p, NULL, PUSHLET_EVENT_LOG, NULL), PUSHLET_EINVAL);
     cr_assert_eq(pushlet_events_enable(p, 0), 0);
     cr_assert_eq(pushlet_set_logger(NULL, NULL, 0, NULL), PUSHLET_EINVAL);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_COUNT), -1);
