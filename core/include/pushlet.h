@@ -40,18 +40,20 @@ extern "C" {
 /** Error codes: every public call that can fail returns 0 or one of these. */
 enum {
     PUSHLET_OK = 0,
-    PUSHLET_EINVAL = -1,       /* invalid argument (bad topic/event name, unknown option, ...) */
-    PUSHLET_ENOMEM = -2,       /* out of memory */
-    PUSHLET_EFULL = -3,        /* the publish queue is at its limit; retry later */
-    PUSHLET_ESTOPPED = -4,     /* the broker is not running */
-    PUSHLET_EBUSY = -5,        /* the broker is running: stop it first */
-    PUSHLET_EWRONGTHREAD = -6, /* called from the broker's own loop thread */
-    PUSHLET_ETOOBIG = -7,      /* data larger than the configured maximum message size */
-    PUSHLET_EADDRINUSE = -8,   /* the listen address is already in use */
-    PUSHLET_ELISTEN = -9,      /* the listen address is invalid or cannot be bound */
-    PUSHLET_ESYSTEM = -10,     /* an operating system resource could not be obtained */
-    PUSHLET_ENOENT = -11,      /* no such request or connection (answered already, timed out,
-                                  or the client left) */
+    PUSHLET_EINVAL = -1,        /* invalid argument (bad topic/event name, unknown option, ...) */
+    PUSHLET_ENOMEM = -2,        /* out of memory */
+    PUSHLET_EFULL = -3,         /* the publish queue is at its limit; retry later */
+    PUSHLET_ESTOPPED = -4,      /* the broker is not running */
+    PUSHLET_EBUSY = -5,         /* the broker is running: stop it first */
+    PUSHLET_EWRONGTHREAD = -6,  /* called from the broker's own loop thread */
+    PUSHLET_ETOOBIG = -7,       /* data larger than the configured maximum message size */
+    PUSHLET_EADDRINUSE = -8,    /* the listen address is already in use */
+    PUSHLET_ELISTEN = -9,       /* the listen address is invalid or cannot be bound */
+    PUSHLET_ESYSTEM = -10,      /* an operating system resource could not be obtained */
+    PUSHLET_ENOENT = -11,       /* no such request or connection (answered already, timed out,
+                                   or the client left) */
+    PUSHLET_EUNAVAILABLE = -12, /* Redis could not be reached (distributed mode) */
+    PUSHLET_EAUTH = -13,        /* Redis refused the password or the database (distributed mode) */
 };
 
 /** Log levels, numerically equal to Python's logging levels. */
@@ -277,7 +279,8 @@ PUSHLET_EXTERN int pushlet_set_event_handler(pushlet_t *p, pushlet_event_fn fn, 
  *  `metadata` (NULL: none; at most 4096 bytes, any text) stay with it and appear in all its
  *  later events; both are ignored for subscriptions.
  *  @return 0, PUSHLET_ENOENT (answered already, timed out, or the client left: harmless),
- *          PUSHLET_EINVAL or PUSHLET_ENOMEM. Thread: any. */
+ *          PUSHLET_EINVAL (no broker, an empty user id or one with control characters, too long)
+ *          or PUSHLET_ENOMEM. Thread: any. */
 PUSHLET_EXTERN int pushlet_allow(pushlet_t *p, uint64_t request, const char *user_id,
                                  const char *metadata);
 
@@ -288,7 +291,9 @@ PUSHLET_EXTERN int pushlet_allow(pushlet_t *p, uint64_t request, const char *use
 PUSHLET_EXTERN int pushlet_deny(pushlet_t *p, uint64_t request, int status, const char *reason);
 
 /** Send a message to one open connection (not recorded in any history; an SSE stream gets it
- *  without an `id:` line, a WebSocket as a message without topic).
+ *  without an `id:` line, a WebSocket as `{"event","data","timestamp"}` without topic and id).
+ *  Sends go through the same queue as publishes, so a send made inside the event handler
+ *  reaches the client after the broker's own synchronous replies (such as `subscribed`).
  *  @return 0, PUSHLET_ENOENT (no such open connection), or as pushlet_publish(). Thread: any. */
 PUSHLET_EXTERN int pushlet_send(pushlet_t *p, uint64_t connection, const char *event,
                                 const char *data, size_t len);
@@ -360,7 +365,8 @@ PUSHLET_EXTERN const char *pushlet_event_path(const pushlet_event_t *e, size_t *
 PUSHLET_EXTERN const char *pushlet_event_query(const pushlet_event_t *e, size_t *len);
 PUSHLET_EXTERN const char *pushlet_event_remote(const pushlet_event_t *e);
 /** AUTH_CONNECT: header fields as received. By name (case-insensitive; the first of repeated
- *  ones; NULL when absent), or by index 0..count-1 (0 when out of range). */
+ *  ones; NULL when absent), or by index 0..count-1 (returns 1 and sets name and value, or 0 when
+ *  out of range). */
 PUSHLET_EXTERN const char *pushlet_event_header(const pushlet_event_t *e, const char *name,
                                                 size_t *len);
 PUSHLET_EXTERN size_t pushlet_event_header_count(const pushlet_event_t *e);

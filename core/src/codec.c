@@ -1,5 +1,6 @@
 /* Message encodings for WebSocket: one JSON object or MessagePack map per message,
  *   {"topic","event","data","id","timestamp"}
+ * (a host's send to one connection or user has no topic and no id: {"event","data","timestamp"})
  * written straight into a complete binary frame (header + payload) that every WebSocket
  * subscriber using that encoding shares. */
 #include "internal.h"
@@ -105,13 +106,22 @@ static pl_buf *encode_json(const pl_msg *m)
         strlen("{\"topic\":\"\",\"event\":\"\",\"data\":\"\",\"id\":\"\",\"timestamp\":\"\"}") +
         m->topic_len + m->event_len + json_escape(NULL, m->data, m->data_len) + (size_t)id_len +
         ts_len;
+    bool targeted = m->target != PL_TO_TOPIC;
+    if (targeted)
+        n -= strlen("\"topic\":\"\",\"id\":\"\",") + m->topic_len + (size_t)id_len;
     char *o;
     pl_buf *b = frame_for(n, &o);
     if (!b)
         return NULL;
-    o += sprintf(o, "{\"topic\":\"%s\",\"event\":\"%s\",\"data\":\"", m->topic, m->event);
+    if (targeted)
+        o += sprintf(o, "{\"event\":\"%s\",\"data\":\"", m->event);
+    else
+        o += sprintf(o, "{\"topic\":\"%s\",\"event\":\"%s\",\"data\":\"", m->topic, m->event);
     o += json_escape(o, m->data, m->data_len);
-    o += sprintf(o, "\",\"id\":\"%s\",\"timestamp\":\"%s\"", id, ts);
+    if (targeted)
+        o += sprintf(o, "\",\"timestamp\":\"%s\"", ts);
+    else
+        o += sprintf(o, "\",\"id\":\"%s\",\"timestamp\":\"%s\"", id, ts);
     *o = '}';
     return b;
 }
@@ -132,9 +142,12 @@ static pl_buf *encode_msgpack(const pl_msg *m)
     msgpack_packer pk;
     msgpack_sbuffer_init(&sb);
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 5);
-    pack_str(&pk, "topic", 5);
-    pack_str(&pk, m->topic, m->topic_len);
+    bool targeted = m->target != PL_TO_TOPIC;
+    msgpack_pack_map(&pk, targeted ? 3 : 5);
+    if (!targeted) {
+        pack_str(&pk, "topic", 5);
+        pack_str(&pk, m->topic, m->topic_len);
+    }
     pack_str(&pk, "event", 5);
     pack_str(&pk, m->event, m->event_len);
     pack_str(&pk, "data", 4);
@@ -145,8 +158,10 @@ static pl_buf *encode_msgpack(const pl_msg *m)
         msgpack_pack_bin(&pk, m->data_len);
         msgpack_pack_bin_body(&pk, m->data, m->data_len);
     }
-    pack_str(&pk, "id", 2);
-    pack_str(&pk, id, (size_t)id_len);
+    if (!targeted) {
+        pack_str(&pk, "id", 2);
+        pack_str(&pk, id, (size_t)id_len);
+    }
     pack_str(&pk, "timestamp", 9);
     pack_str(&pk, ts, ts_len);
     char *o;

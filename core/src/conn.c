@@ -464,11 +464,12 @@ static void reap(pl_conn *c)
         *pp = c->next_refill;
         c->refill_queued = false;
     }
-    pl_hooks_conn_gone(c);    /* unsubscribed and disconnected events, pending requests */
+    pushlet_event_t *farewell = pl_hooks_conn_leaving(c);
     if (c->subscriber.subs) { /* also frees the array of one that unsubscribed from all */
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
         pl_sync_topic_stats(p);
     }
+    pl_hooks_conn_gone(c, farewell);
     if (c->kind == PL_CONN_SSE)
         PL_STAT_ADD(p, PUSHLET_STAT_SSE_CONNECTIONS, -1);
     else if (c->kind == PL_CONN_WS)

@@ -548,33 +548,48 @@ void pl_hooks_subscribed(pl_conn *c, const pl_topic *t)
         emit(c->p, e);
 }
 
-void pl_hooks_unsubscribed(pl_conn *c, const pl_topic *t, const char *reason)
+pushlet_event_t *pl_hooks_unsubscribed_event(pl_conn *c, const pl_topic *t, const char *reason)
 {
     if (!c->registered || !pl_hooks_want(c->p, PUSHLET_EVENT_UNSUBSCRIBED))
-        return;
-    pushlet_event_t *e =
-        conn_event(c, PUSHLET_EVENT_UNSUBSCRIBED, t->name, t->name_len, reason, strlen(reason));
-    if (e)
-        emit(c->p, e);
+        return NULL;
+    return conn_event(c, PUSHLET_EVENT_UNSUBSCRIBED, t->name, t->name_len, reason, strlen(reason));
 }
 
-void pl_hooks_conn_gone(pl_conn *c)
+void pl_hooks_emit(pushlet_t *p, pushlet_event_t *list)
+{
+    while (list) {
+        pushlet_event_t *next = list->next;
+        list->next = NULL;
+        emit(p, list);
+        list = next;
+    }
+}
+
+pushlet_event_t *pl_hooks_conn_leaving(pl_conn *c)
 {
     pushlet_t *p = c->p;
     while (c->requests.next != &c->requests)
         cancel_request(p, pl_container_of(c->requests.next, pl_request, by_conn));
-    if (c->registered) {
-        for (uint16_t k = 0; k < c->subscriber.nsubs; k++)
-            pl_hooks_unsubscribed(c, c->subscriber.subs[k].topic, "disconnected");
-        const char *why = c->why ? c->why : "closed";
-        if (pl_hooks_want(p, PUSHLET_EVENT_DISCONNECTED)) {
-            pushlet_event_t *e =
-                conn_event(c, PUSHLET_EVENT_DISCONNECTED, NULL, 0, why, strlen(why));
-            if (e)
-                emit(p, e);
-        }
-        unregister_conn(c);
+    if (!c->registered)
+        return NULL;
+    pushlet_event_t *head = NULL, **tail = &head;
+    for (uint16_t k = 0; k < c->subscriber.nsubs; k++) {
+        pushlet_event_t *e =
+            pl_hooks_unsubscribed_event(c, c->subscriber.subs[k].topic, "disconnected");
+        if (e)
+            *tail = e, tail = &e->next;
     }
+    const char *why = c->why ? c->why : "closed";
+    if (pl_hooks_want(p, PUSHLET_EVENT_DISCONNECTED))
+        *tail = conn_event(c, PUSHLET_EVENT_DISCONNECTED, NULL, 0, why, strlen(why));
+    return head;
+}
+
+void pl_hooks_conn_gone(pl_conn *c, pushlet_event_t *farewell)
+{
+    if (c->registered)
+        unregister_conn(c);
+    pl_hooks_emit(c->p, farewell);
     replace(&c->user, &c->user_len, NULL);
     replace(&c->meta, &c->meta_len, NULL);
     free(c->stash);

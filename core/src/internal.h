@@ -634,8 +634,16 @@ void pl_hooks_expire(pushlet_t *p) PL_HIDDEN;
  * changed, the connection is being reaped. */
 void pl_hooks_connected(pl_conn *c) PL_HIDDEN;
 void pl_hooks_subscribed(pl_conn *c, const pl_topic *t) PL_HIDDEN;
-void pl_hooks_unsubscribed(pl_conn *c, const pl_topic *t, const char *reason) PL_HIDDEN;
-void pl_hooks_conn_gone(pl_conn *c) PL_HIDDEN;
+/* Events are built while the topic and subscription exist, and emitted (pl_hooks_emit, which
+ * takes a list) once the state they report holds, so a handler that looks sees it. */
+pushlet_event_t *pl_hooks_unsubscribed_event(pl_conn *c, const pl_topic *t,
+                                             const char *reason) PL_HIDDEN;
+void pl_hooks_emit(pushlet_t *p, pushlet_event_t *list) PL_HIDDEN;
+/* A closing connection: cancels its pending requests and builds its unsubscribed and
+ * disconnected events; pl_hooks_conn_gone, after its subscriptions went, unregisters it and
+ * emits them. */
+pushlet_event_t *pl_hooks_conn_leaving(pl_conn *c) PL_HIDDEN;
+void pl_hooks_conn_gone(pl_conn *c, pushlet_event_t *farewell) PL_HIDDEN;
 /* A WebSocket message that is no command: true when the host takes it. */
 bool pl_hooks_client_message(pl_conn *c, const uint8_t *data, size_t len, bool binary) PL_HIDDEN;
 /* A targeted send or close from the inbox (m->target != PL_TO_TOPIC); takes `m`. */

@@ -29,6 +29,8 @@ const char *pushlet_strerror(int code)
     case PUSHLET_ELISTEN: return "cannot listen on the given address";
     case PUSHLET_ESYSTEM: return "operating system resource unavailable";
     case PUSHLET_ENOENT: return "no such request or connection";
+    case PUSHLET_EUNAVAILABLE: return "Redis unavailable";
+    case PUSHLET_EAUTH: return "Redis refused the credentials";
     default: return "unknown error";
     }
 }

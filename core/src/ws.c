@@ -496,9 +496,10 @@ static void unsubscribe(pl_conn *c, const pl_ws_command *cmd)
     pushlet_t *p = c->p;
     pl_topic *t = pl_topics_find(&p->topics, cmd->topic, cmd->topic_len);
     if (subscription_of(c, t) >= 0) {
-        pl_hooks_unsubscribed(c, t, "unsubscribed"); /* before: the topic may go with it */
+        pushlet_event_t *e = pl_hooks_unsubscribed_event(c, t, "unsubscribed"); /* t may go */
         pl_topics_unsubscribe(&p->topics, &c->subscriber, cmd->topic, cmd->topic_len);
         pl_sync_topic_stats(p);
+        pl_hooks_emit(p, e);
         reply(c, "unsubscribed", cmd->topic, NULL, NULL);
     } else if (pl_hooks_cancel_command(c, cmd->topic, cmd->topic_len)) {
         reply(c, "unsubscribed", cmd->topic, NULL, NULL); /* its subscribe never completed */
