@@ -1,5 +1,7 @@
 /* pushletd: the Pushlet core as a standalone server. Flags or PUSHLET_<NAME> environment
  * variables configure it; SIGINT/SIGTERM stop it gracefully. */
+#include "auth_url.h"
+
 #include <pushlet.h>
 
 #include <errno.h>
@@ -13,7 +15,16 @@
 
 extern const char pushletd_demo_page[];
 
-typedef enum { KIND_STR, KIND_INT, KIND_SECONDS, KIND_LEVEL, KIND_LISTEN, KIND_POLICY } flag_kind;
+typedef enum {
+    KIND_STR,
+    KIND_INT,
+    KIND_SECONDS,
+    KIND_LEVEL,
+    KIND_LISTEN,
+    KIND_POLICY,
+    KIND_AUTH_URL,     /* kept for pl_authurl_start() */
+    KIND_AUTH_WORKERS, /* kept for pl_authurl_start() */
+} flag_kind;
 
 typedef struct flag {
     const char *name; /* --name, env PUSHLET_NAME */
@@ -64,6 +75,13 @@ static const flag flags[] = {
     {"jwt-secret", KIND_STR, PUSHLET_OPT_JWT_SECRET,
      "require an HS256 token signed with this secret from SSE and WebSocket clients "
      "(Authorization: Bearer or ?token=)"},
+    {"auth-url", KIND_AUTH_URL, 0,
+     "ask this HTTP backend to allow each connection and subscription: "
+     "http://HOST[:PORT][/PATH] (https is not supported; see docs/PUSHLETD.md)"},
+    {"auth-workers", KIND_AUTH_WORKERS, 0,
+     "concurrent requests to the auth backend, one keep-alive connection each (default 4)"},
+    {"auth-timeout", KIND_SECONDS, PUSHLET_OPT_AUTH_TIMEOUT_MS,
+     "an auth request not answered by then is denied with 503 (default 5)"},
     {"retry", KIND_SECONDS, PUSHLET_OPT_RETRY_MS,
      "reconnect delay suggested to EventSource clients (default 3)"},
 };
@@ -71,6 +89,7 @@ static const flag flags[] = {
 
 static int log_level = PUSHLET_LOG_INFO;
 static char listen_host[64] = "127.0.0.1"; /* as configured, for the ready line */
+static pl_authurl_config auth = {.url = NULL, .workers = 4, .timeout_ms = 5000};
 
 static const char *level_name(int level)
 {
@@ -146,7 +165,28 @@ static int apply(pushlet_t *p, const flag *f, const char *v)
         double s = strtod(v, &end);
         if (errno || end == v || *end || s < 0 || s > 86400)
             return fail(f->name, v, "not a number of seconds");
-        rc = pushlet_set_int(p, f->option, (int64_t)(s * 1000 + 0.5));
+        int64_t ms = (int64_t)(s * 1000 + 0.5);
+        if (f->option == PUSHLET_OPT_AUTH_TIMEOUT_MS) {
+            if (ms < 1)
+                return fail(f->name, v, "must be at least 0.001");
+            auth.timeout_ms = (int)ms;
+        }
+        rc = pushlet_set_int(p, f->option, ms);
+        break;
+    }
+    case KIND_AUTH_URL: {
+        char why[160];
+        if (pl_authurl_check(v, why, sizeof(why)) != 0)
+            return fail(f->name, v, why);
+        auth.url = v; /* argv and the environment outlive the server */
+        break;
+    }
+    case KIND_AUTH_WORKERS: {
+        errno = 0;
+        long n = strtol(v, &end, 10);
+        if (errno || end == v || *end || n < 1 || n > 256)
+            return fail(f->name, v, "expected 1 to 256");
+        auth.workers = (int)n;
         break;
     }
     case KIND_POLICY: {
@@ -276,9 +316,24 @@ int main(int argc, char **argv)
     sigaddset(&stop_signals, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
 
+    /* The auth threads start with the signals blocked, and take requests before any client
+     * can connect. */
+    pl_authurl_t *auth_backend = NULL;
+    if (auth.url) {
+        char why[256];
+        auth.log = log_stderr;
+        auth.log_level = log_level;
+        if (pl_authurl_start(&auth_backend, p, &auth, why, sizeof(why)) != 0) {
+            fprintf(stderr, "pushletd: --auth-url %s: %s\n", auth.url, why);
+            pushlet_free(p);
+            return 1;
+        }
+    }
+
     rc = pushlet_start(p);
     if (rc) {
         fprintf(stderr, "pushletd: cannot start: %s\n", pushlet_strerror(rc));
+        pl_authurl_stop(auth_backend);
         pushlet_free(p);
         return 1;
     }
@@ -287,6 +342,10 @@ int main(int argc, char **argv)
     int sig = 0;
     sigwait(&stop_signals, &sig);
     fprintf(stderr, "pushletd: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    /* The broker first (requests still waiting end with their connections), then the auth
+     * threads, which answer through `p` and so must be gone before it is freed. */
+    pushlet_stop(p);
+    pl_authurl_stop(auth_backend);
     pushlet_free(p);
     return 0;
 }
