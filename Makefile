@@ -10,7 +10,7 @@ JOBS       ?= $(shell nproc)
 PYTHON     ?= /usr/bin/python3
 CMAKE_FLAGS ?=
 
-.PHONY: all build deps demo demo-stop test test-unit test-integration test-asan test-tsan \
+.PHONY: all build deps demo demo-stop test test-unit test-integration test-python test-asan test-tsan \
         soak soak-asan soak-valgrind fuzz bench clean
 
 all: build
@@ -44,7 +44,7 @@ demo-stop:
 # Every suite: unit + integration on a normal build, again under ASan+UBSan, the cross-thread
 # tests under TSan, and each fuzz target for a bounded time.
 test: test-deps
-	@$(MAKE) --no-print-directory test-unit test-integration soak
+	@$(MAKE) --no-print-directory test-unit test-integration test-python soak
 	@$(MAKE) --no-print-directory test-asan soak-asan
 	@$(MAKE) --no-print-directory test-tsan
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
@@ -57,6 +57,10 @@ test-unit: build
 
 test-integration: build
 	@PUSHLETD=$(CURDIR)/$(BUILD)/bin/pushletd $(PYTHON) -m pytest -q tests/integration tests/browser
+
+# The Python binding, built offline in a venv with Debian's Python (bindings/python/README.md).
+test-python: build
+	@bindings/python/run_tests.sh $(BUILD)/python-venv
 
 test-asan:
 	@$(MAKE) --no-print-directory test-unit test-integration BUILD=$(ASAN_BUILD) \

@@ -7,7 +7,8 @@ set -euo pipefail
 build_pkgs=(build-essential cmake pkg-config libuv1-dev libhiredis-dev libmsgpack-dev libcjson-dev
             libhttp-parser-dev libssl-dev zlib1g-dev)
 test_pkgs=(libcriterion-dev curl python3 python3-venv python3-pytest python3-websockets
-           python3-aiohttp python3-msgpack redis-server clang libclang-rt-14-dev chromium)
+           python3-aiohttp python3-msgpack redis-server clang libclang-rt-14-dev chromium
+           swig python3-dev python3-setuptools python3-wheel)
 bench_pkgs=(nginx libnginx-mod-nchan)
 
 case "${1:-all}" in
