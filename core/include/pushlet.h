@@ -162,6 +162,11 @@ typedef enum {
     PUSHLET_STAT_AUTH_TIMEOUTS = 26,       /* auth requests denied because no answer came in time */
     PUSHLET_STAT_CLIENT_MESSAGES = 27,     /* WebSocket messages passed to the host */
     PUSHLET_STAT_EVENTS_DROPPED = 28,      /* pull-queue events dropped (queue full) */
+    /* Distributed mode (0 when off). */
+    PUSHLET_STAT_REDIS_PENDING = 29,        /* publishes sent or queued, not yet stored by Redis */
+    PUSHLET_STAT_REDIS_SHARDS_DOWN = 30,    /* Redis shards not ready (connecting or down) */
+    PUSHLET_STAT_REDIS_CATCH_UPS = 31,      /* history fetches: topics joined or gaps filled */
+    PUSHLET_STAT_REDIS_PUBLISH_ERRORS = 32, /* publishes Redis refused (logged; not delivered) */
     PUSHLET_STAT_COUNT
 } pushlet_stat_t;
 
@@ -264,6 +269,23 @@ PUSHLET_EXTERN int pushlet_publish(pushlet_t *p, const char *topic, const char *
  *  Same rules and return codes as pushlet_publish(). Thread: any. */
 PUSHLET_EXTERN int pushlet_publish_all(pushlet_t *p, const char *event, const char *data,
                                        size_t len);
+
+/* ---- Distributed mode ---------------------------------------------------------------------- */
+
+/** Join the brokers that share a Redis: publishes from any of them reach subscribers of all,
+ *  with the same IDs in the same order, and history lives in Redis so a client resumes on any
+ *  broker. `address` is "host:port", "redis://[[user]:password@]host[:port][/db]" or a unix
+ *  socket ("unix:/path" or "/path"); `password` NULL or "" = none; `db` >= 0 (a redis:// URL's
+ *  own password and db win). Each call adds a shard: topics are spread over shards by a stable
+ *  hash of their name, so every broker must list the same shards in the same order. Before
+ *  start; the server is contacted at once (up to 5 s) so a wrong address or password is
+ *  reported here. While running, publishes go through Redis (delivered, here too, when Redis
+ *  has stored them; while it is unreachable they wait, and pushlet_publish() returns
+ *  PUSHLET_EFULL once PUSHLET_OPT_MAX_QUEUED_MESSAGES/BYTES are waiting). docs/DISTRIBUTED.md.
+ *  @return 0, PUSHLET_EINVAL, PUSHLET_EBUSY (running), PUSHLET_EUNAVAILABLE, PUSHLET_EAUTH or
+ *          PUSHLET_ENOMEM; the log says why. Thread: not loop. */
+PUSHLET_EXTERN int pushlet_enable_distributed_mode(pushlet_t *p, const char *address,
+                                                   const char *password, int db);
 
 /* ---- Hooks: auth, lifecycle, client messages ---------------------------------------------- */
 

@@ -24,6 +24,9 @@ typedef enum {
     KIND_POLICY,
     KIND_AUTH_URL,     /* kept for pl_authurl_start() */
     KIND_AUTH_WORKERS, /* kept for pl_authurl_start() */
+    KIND_REDIS,        /* kept for pushlet_enable_distributed_mode() */
+    KIND_REDIS_PASSWORD,
+    KIND_REDIS_DB,
 } flag_kind;
 
 typedef struct flag {
@@ -82,6 +85,12 @@ static const flag flags[] = {
      "concurrent requests to the auth backend, one keep-alive connection each (default 4)"},
     {"auth-timeout", KIND_SECONDS, PUSHLET_OPT_AUTH_TIMEOUT_MS,
      "an auth request not answered by then is denied with 503 (default 5)"},
+    {"redis", KIND_REDIS, 0,
+     "distributed mode: share messages, IDs and history with every pushletd on this Redis "
+     "(HOST:PORT, redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:/PATH); repeat the flag (or "
+     "separate with commas) for shards, in the same order on every node"},
+    {"redis-password", KIND_REDIS_PASSWORD, 0, "password for the Redis servers (AUTH)"},
+    {"redis-db", KIND_REDIS_DB, 0, "Redis database number (default 0)"},
     {"retry", KIND_SECONDS, PUSHLET_OPT_RETRY_MS,
      "reconnect delay suggested to EventSource clients (default 3)"},
 };
@@ -90,6 +99,11 @@ static const flag flags[] = {
 static int log_level = PUSHLET_LOG_INFO;
 static char listen_host[64] = "127.0.0.1"; /* as configured, for the ready line */
 static pl_authurl_config auth = {.url = NULL, .workers = 4, .timeout_ms = 5000};
+#define MAX_REDIS 64
+static char *redis_addrs[MAX_REDIS];
+static int nredis;
+static const char *redis_password;
+static int redis_db;
 
 static const char *level_name(int level)
 {
@@ -179,6 +193,29 @@ static int apply(pushlet_t *p, const flag *f, const char *v)
         if (pl_authurl_check(v, why, sizeof(why)) != 0)
             return fail(f->name, v, why);
         auth.url = v; /* argv and the environment outlive the server */
+        break;
+    }
+    case KIND_REDIS: {
+        const char *start = v;
+        while (*start) { /* a comma-separated list, or one address */
+            const char *comma = strchr(start, ',');
+            size_t len = comma ? (size_t)(comma - start) : strlen(start);
+            if (len == 0 || nredis == MAX_REDIS)
+                return fail(f->name, v, len ? "too many shards" : "empty address");
+            redis_addrs[nredis++] = strndup(start, len);
+            start += len + (comma ? 1 : 0);
+        }
+        break;
+    }
+    case KIND_REDIS_PASSWORD:
+        redis_password = v;
+        break;
+    case KIND_REDIS_DB: {
+        errno = 0;
+        long n = strtol(v, &end, 10);
+        if (errno || end == v || *end || n < 0 || n > 1000000)
+            return fail(f->name, v, "expected a database number");
+        redis_db = (int)n;
         break;
     }
     case KIND_AUTH_WORKERS: {
@@ -308,6 +345,23 @@ int main(int argc, char **argv)
         return cfg > 0 ? 0 : 2;
     }
     pushlet_set_logger(p, log_stderr, log_level, NULL);
+
+    /* Distributed mode: each shard is contacted now, so a wrong address or password stops us
+     * here with the reason (logged above this line). */
+    for (int i = 0; i < nredis; i++) {
+        rc = pushlet_enable_distributed_mode(p, redis_addrs[i], redis_password, redis_db);
+        if (rc) {
+            fprintf(stderr, "pushletd: --redis: shard %d: %s\n", i, pushlet_strerror(rc));
+            cfg = -1;
+            break;
+        }
+    }
+    for (int i = 0; i < nredis; i++)
+        free(redis_addrs[i]);
+    if (cfg != 0) {
+        pushlet_free(p);
+        return 1;
+    }
 
     /* Signals are taken synchronously by this thread; the loop thread inherits the mask. */
     sigset_t stop_signals;

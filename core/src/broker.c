@@ -42,40 +42,50 @@ static int64_t deliver_to_all(pl_msg *m, pl_conn *c)
     return 1;
 }
 
+void pl_broker_fanout_all(pushlet_t *p, pl_msg *m)
+{
+    int64_t delivered = 0;
+    m->seq = ++p->counter;
+    m->id_len = (uint8_t)pl_position_format(m->id, (pl_position){p->epoch, m->seq});
+    for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
+        delivered += deliver_to_all(m, pl_container_of(l, pl_conn, link));
+    PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, delivered);
+}
+
+void pl_broker_fanout(pushlet_t *p, pl_topic *t, pl_msg *m)
+{
+    int64_t delivered = 0;
+    for (uint32_t i = 0; i < t->nsubs; i++) {
+        pl_topic_sub *ts = &t->subs[i];
+        if (ts->state == PL_SUB_LIVE)
+            delivered += pl_deliver(pl_container_of(ts->sub, pl_conn, subscriber), m, ts);
+    }
+    PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, delivered);
+    pl_history_keep(p, t, m);
+}
+
 void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX])
 {
     /* The one place IDs are made: a position in the topic (docs/ARCHITECTURE.md). */
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_IN, 1);
-    int64_t delivered = 0;
-    pl_topic *t = NULL;
-    if (!m->to_all) /* every topic message goes through a record: dense sequences */
-        t = pl_topics_get(&p->topics, m->topic, m->topic_len);
-    p->counter++;
     if (m->to_all) {
-        m->seq = p->counter;
-        m->id_len = (uint8_t)pl_position_format(m->id, (pl_position){p->epoch, m->seq});
-        for (pl_link *l = p->conns_stream.next; l != &p->conns_stream; l = l->next)
-            delivered += deliver_to_all(m, pl_container_of(l, pl_conn, link));
+        pl_broker_fanout_all(p, m);
     } else {
-        /* Without a record (out of memory) the broker-wide counter still gives a position no
-         * later record of the topic reuses. */
+        /* Every topic message goes through a record: dense sequences. Without one (out of
+         * memory) the broker-wide counter still gives a position no later record reuses. */
+        pl_topic *t = pl_topics_get(&p->topics, m->topic, m->topic_len);
+        p->counter++;
         m->seq = t ? ++t->seq : p->counter;
         m->id_len =
             (uint8_t)pl_position_format(m->id, (pl_position){t ? t->epoch : p->epoch, m->seq});
-        for (uint32_t i = 0; t && i < t->nsubs; i++) {
-            pl_topic_sub *ts = &t->subs[i];
-            if (ts->state == PL_SUB_LIVE)
-                delivered += pl_deliver(pl_container_of(ts->sub, pl_conn, subscriber), m, ts);
+        if (t) {
+            pl_broker_fanout(p, t, m);
+            pl_topics_release(&p->topics, t); /* when nothing holds it */
+            pl_history_trim(p, false);        /* may free topics, t among them */
         }
     }
-    PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_OUT, delivered);
     if (id)
         memcpy(id, m->id, (size_t)m->id_len + 1);
-    if (t) {
-        pl_history_keep(p, t, m);
-        pl_topics_release(&p->topics, t); /* when nothing holds it */
-        pl_history_trim(p, false);        /* may free topics, t among them */
-    }
     pl_msg_unref(m);
 }
 
@@ -97,8 +107,9 @@ static void close_handle(pushlet_t *p, uv_handle_t *h)
 
 static void finish_if_done(pushlet_t *p)
 {
-    if (!p->stopping || p->nconns > 0 || uv_is_closing((uv_handle_t *)&p->wake))
+    if (!p->stopping || p->nconns > 0 || pl_dist_busy(p) || uv_is_closing((uv_handle_t *)&p->wake))
         return;
+    pl_dist_close(p);
     close_handle(p, (uv_handle_t *)&p->wake);
     close_handle(p, (uv_handle_t *)&p->flusher);
     close_handle(p, (uv_handle_t *)&p->ticker);
@@ -119,6 +130,8 @@ static void on_stop_deadline(uv_timer_t *t)
         pl_conn_close(pl_container_of(l, pl_conn, link), "stop deadline");
     if (n)
         pl_warn(p, "broker", "stop deadline reached: closing %d connections with unsent output", n);
+    pl_dist_abandon(p); /* publishes Redis has not answered yet are given up */
+    finish_if_done(p);
 }
 
 static void begin_stop(pushlet_t *p)
@@ -159,7 +172,9 @@ static void on_wake(uv_async_t *a)
     pl_msg *m = pl_inbox_take_all(&p->inbox);
     while (m) {
         pl_msg *next = m->next;
-        if (m->target == PL_TO_TOPIC)
+        if (m->target == PL_TO_TOPIC && p->dist)
+            pl_dist_publish(p, m, NULL); /* delivered when it comes back from Redis */
+        else if (m->target == PL_TO_TOPIC)
             pl_broker_dispatch(p, m, NULL);
         else
             pl_hooks_dispatch(p, m);
@@ -175,6 +190,7 @@ static void on_tick(uv_timer_t *t)
 {
     pl_conns_sweep_timeouts(t->loop->data);
     pl_hooks_expire(t->loop->data);
+    pl_dist_tick(t->loop->data);
     pl_history_trim(t->loop->data, true);
 }
 
@@ -358,6 +374,8 @@ int pl_broker_start(pushlet_t *p)
         rc = PUSHLET_ESYSTEM;
     if (!rc)
         rc = bind_listener(p);
+    if (!rc)
+        rc = pl_dist_start(p);
     if (rc) {
         abandon_loop(p);
         return rc;
@@ -371,6 +389,7 @@ int pl_broker_start(pushlet_t *p)
                   (size_t)p->cfg.max_queued_bytes, (size_t)p->cfg.max_message_size);
     pl_hooks_open(p);
     if (uv_thread_create(&p->thread, loop_main, p) != 0) {
+        pl_dist_close(p);
         pl_hooks_close(p);
         pl_inbox_close(&p->inbox);
         abandon_loop(p);

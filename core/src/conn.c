@@ -44,6 +44,7 @@ void pl_conn_accept(pushlet_t *p)
     c->id = ++p->next_conn_id;
     pl_list_init(&c->link);
     pl_list_init(&c->requests);
+    pl_list_init(&c->sync_waits);
     if (uv_tcp_init(&p->loop, &c->tcp) != 0) {
         free(c);
         return;
@@ -138,20 +139,24 @@ static void route(pl_conn *c)
     c->head_req = false;
 }
 
-void pl_conn_unpark(pl_conn *c)
+static void unpark(pl_conn *c, bool reroute)
 {
     c->parked = false;
     char *input = c->stash;
     size_t len = c->stash_len;
     c->stash = NULL;
     c->stash_len = 0;
-    if (!c->ending && !c->closing)
+    if (reroute && !c->ending && !c->closing)
         route(c); /* again: the stages already answered are passed (c->auth_stage) */
     const char *data = input;
     if (after_route(c, &data, &len))
         read_requests(c, data, len);
     free(input);
 }
+
+void pl_conn_unpark(pl_conn *c) { unpark(c, true); }
+
+void pl_conn_resume_input(pl_conn *c) { unpark(c, false); }
 
 static void read_requests(pl_conn *c, const char *data, size_t len)
 {
@@ -464,6 +469,7 @@ static void reap(pl_conn *c)
         *pp = c->next_refill;
         c->refill_queued = false;
     }
+    pl_dist_conn_gone(c);
     pushlet_event_t *farewell = pl_hooks_conn_leaving(c);
     if (c->subscriber.subs) { /* also frees the array of one that unsubscribed from all */
         pl_topics_unsubscribe_all(&p->topics, &c->subscriber);

@@ -313,9 +313,23 @@ void pl_history_topic_dropped(void *ctx, pl_topic *t)
     p->tomb_seq[h & (PL_TOMBSTONES - 1)] = t->seq;
 }
 
+static void drop_oldest(pushlet_t *p, pl_topic *t);
+
+void pl_history_forget(pushlet_t *p, pl_topic *t)
+{
+    while (t->kept)
+        drop_oldest(p, t);
+    sync_gauges(p);
+}
+
 void pl_history_topic_init(void *ctx, pl_topic *t)
 {
     pushlet_t *p = ctx;
+    if (p->dist) { /* positions come from Redis */
+        pl_dist_topic_init(p, t);
+        bounds_for(p, t->name, t->name_len, &t->keep_max, &t->keep_age_ms, &t->age_class);
+        return;
+    }
     /* A topic dropped earlier in this run continues its sequence from its tombstone. Without
      * one (never seen, or its tombstone was reused) it starts above every sequence number
      * issued in this run, so it can never reuse a position a client may hold: such a client

@@ -188,8 +188,18 @@ struct pl_topic {
     int64_t keep_age_ms;
     uint16_t age_class; /* which list of p->kept its messages go to: 0 = the default age,
                            1 + i = rule i's own age */
+    /* Distributed mode (distributed.c): whether its Redis channel is followed and its position
+     * caught up, and who waits for that. */
+    uint8_t sync;    /* PL_SYNC_* */
+    bool fetching;   /* a history fetch is in flight */
+    bool refetch;    /* fetch again when it returns (or on the next tick) */
+    uint32_t holds;  /* waiters and callers that keep it alive without subscribing */
+    uint64_t heard;  /* the highest sequence heard on its channel */
+    pl_link waiters; /* pl_sync_wait.by_topic */
     char name[];
 };
+
+enum { PL_SYNC_NONE = 0, PL_SYNC_SUBSCRIBING, PL_SYNC_CATCHING, PL_SYNC_SYNCED };
 
 typedef struct pl_sub {
     pl_topic *topic;
@@ -215,7 +225,8 @@ typedef struct pl_topics {
     uint64_t subscriptions;
     /* Called for each new topic (sets its position and history bounds); may be NULL. */
     void (*on_new)(void *ctx, pl_topic *tp);
-    void (*on_drop)(void *ctx, pl_topic *tp); /* just before a topic is freed */
+    void (*on_drop)(void *ctx, pl_topic *tp);  /* just before a topic is freed */
+    void (*on_empty)(void *ctx, pl_topic *tp); /* its last subscriber left (it may stay) */
     void *ctx;
 } pl_topics;
 
@@ -233,7 +244,7 @@ int pl_topics_subscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t
 /* 0 = unsubscribed, 1 = was not subscribed. */
 int pl_topics_unsubscribe(pl_topics *t, pl_subscriber *s, const char *name, size_t len) PL_HIDDEN;
 void pl_topics_unsubscribe_all(pl_topics *t, pl_subscriber *s) PL_HIDDEN;
-/* Frees the topic if nothing holds it any more (no subscriber, no kept message). */
+/* Frees the topic if nothing holds it any more (no subscriber, no kept message, no hold). */
 void pl_topics_release(pl_topics *t, pl_topic *tp) PL_HIDDEN;
 
 /* ---- Id maps (idmap.c): uint64 id (never 0) -> pointer; callers do their own locking -------- */
@@ -509,9 +520,13 @@ typedef struct pl_conn {
     uint16_t topics_waiting;   /* initial topics whose subscribe request is unanswered */
     uint16_t commands_waiting; /* WebSocket subscribe commands awaiting the host */
     pl_link requests;          /* its unanswered auth requests (pl_request.by_conn) */
-    bool parked;               /* its request waits for the host: input is stashed meanwhile */
-    bool registered;           /* open and known to the host: connected event sent */
-    char *stash;               /* input that arrived while parked */
+    pl_link sync_waits;        /* distributed mode: its subscriptions waiting for their topic to
+                                  catch up from Redis (pl_sync_wait.by_conn) */
+    uint16_t syncs_waiting;    /* initial topics among them */
+    struct pl_publish_wait *publish_wait; /* an HTTP publish waiting for Redis's answer */
+    bool parked;     /* its request waits for the host: input is stashed meanwhile */
+    bool registered; /* open and known to the host: connected event sent */
+    char *stash;     /* input that arrived while parked */
     size_t stash_len;
     const char *why; /* why it closed (static text), for the disconnected event */
     struct pl_conn *next_by_user;
@@ -520,6 +535,9 @@ typedef struct pl_conn {
 } pl_conn;
 
 void pl_conn_accept(pushlet_t *p) PL_HIDDEN;
+/* A parked request was answered by other means than routing it again (a publish Redis
+ * stored): input that waited is read. */
+void pl_conn_resume_input(pl_conn *c) PL_HIDDEN;
 /* Queue a shared buffer (takes a new reference). Drops the connection when over its bound. */
 void pl_conn_send(pl_conn *c, pl_buf *b) PL_HIDDEN;
 /* Whether `bytes` more stay within `limit` unsent bytes (an empty queue takes anything). */
@@ -586,6 +604,8 @@ void pl_history_trim(pushlet_t *p, bool by_age) PL_HIDDEN;
 void pl_history_clear(pushlet_t *p) PL_HIDDEN; /* at stop */
 void pl_history_topic_init(void *ctx, pl_topic *t) PL_HIDDEN;
 void pl_history_topic_dropped(void *ctx, pl_topic *t) PL_HIDDEN;
+/* Forgets a topic's kept messages (its positions stay); never frees it. */
+void pl_history_forget(pushlet_t *p, pl_topic *t) PL_HIDDEN;
 #define PL_TOMBSTONES 8192 /* a power of two */
 /* Feeds connections catching up from history; run once per loop turn before writing. */
 void pl_catch_up(pushlet_t *p) PL_HIDDEN;
@@ -782,8 +802,9 @@ struct pushlet {
     uint32_t nconns;
     uint32_t nrejecting; /* 503-answered connections still lingering */
     pl_buf *sse_preamble, *sse_heartbeat, *ws_ping;
-    pl_deflate *deflate; /* made on first use */
-    char *read_buf;      /* one per broker: every read is handled before the next */
+    pl_deflate *deflate;  /* made on first use */
+    char *read_buf;       /* one per broker: every read is handled before the next */
+    struct pl_dist *dist; /* distributed mode (distributed.c); NULL when off */
 };
 
 #define PL_READ_BUF_SIZE 65536
@@ -791,6 +812,11 @@ struct pushlet {
 /* Publish on the loop thread: assigns the ID (copied to `id` unless NULL), fans out, keeps the
  * message in its topic's history, takes ownership of `m`. */
 void pl_broker_dispatch(pushlet_t *p, pl_msg *m, char id[PL_ID_MAX]) PL_HIDDEN;
+/* Fans a topic message whose position (m->seq, m->id) is set out to the topic's live
+ * subscribers and keeps it in the history; does not take `m`, never frees `t`. */
+void pl_broker_fanout(pushlet_t *p, pl_topic *t, pl_msg *m) PL_HIDDEN;
+/* A publish-to-all message to every open stream; does not take `m`. */
+void pl_broker_fanout_all(pushlet_t *p, pl_msg *m) PL_HIDDEN;
 /* Start/stop the loop side. Called by pushlet.c: start with state_mu held, stop without it
  * (state STOPPING keeps other calls out). */
 int pl_broker_start(pushlet_t *p) PL_HIDDEN;
@@ -799,5 +825,42 @@ void pl_broker_stop(pushlet_t *p) PL_HIDDEN;
  * connection closes so stop can finish. */
 void pl_broker_conn_gone(pushlet_t *p) PL_HIDDEN;
 bool pl_on_loop_thread(const pushlet_t *p) PL_HIDDEN;
+
+/* ---- Distributed mode (distributed.c, docs/DISTRIBUTED.md) ------------------------------- */
+
+/* Loop side: the Redis clients are made at start and freed at the end of stop. */
+int pl_dist_start(pushlet_t *p) PL_HIDDEN;
+bool pl_dist_busy(pushlet_t *p) PL_HIDDEN;    /* publishes still waiting for Redis: stop waits */
+void pl_dist_abandon(pushlet_t *p) PL_HIDDEN; /* the stop deadline: no more waiting */
+void pl_dist_close(pushlet_t *p) PL_HIDDEN;
+void pl_dist_free(pushlet_t *p) PL_HIDDEN; /* the configuration (pushlet_free) */
+void pl_dist_tick(pushlet_t *p) PL_HIDDEN; /* waits that timed out, fetches to retry */
+/* Publishers' bound, any thread: room for one more publish not yet stored by Redis, or
+ * PUSHLET_EFULL; pl_dist_release gives it back. Both no-ops when the mode is off. */
+int pl_dist_reserve(pushlet_t *p, size_t bytes) PL_HIDDEN;
+void pl_dist_release(pushlet_t *p, size_t bytes) PL_HIDDEN;
+size_t pl_dist_msg_bytes(const pl_msg *m) PL_HIDDEN;
+/* Sends a reserved publish to its shard; takes `m`. `c`: an HTTP request answered (and parked
+ * until then) with the ID Redis gives it, else NULL. */
+void pl_dist_publish(pushlet_t *p, pl_msg *m, pl_conn *c) PL_HIDDEN;
+/* Initial topics of a request, once allowed: 0 = all caught up (go on), PL_AUTH_WAIT = the
+ * connection is parked until they are (then routed again), or 503. */
+int pl_dist_topics_ready(pl_conn *c, char (*topics)[256], const size_t *lens, size_t n) PL_HIDDEN;
+/* A WebSocket subscribe: true = go on; false = it waits (pl_ws_subscribe is called again once
+ * the topic caught up, or an error is replied). */
+bool pl_dist_command_ready(pl_conn *c, const char *topic, size_t len,
+                           const pl_position *since) PL_HIDDEN;
+bool pl_dist_cancel_command(pl_conn *c, const char *topic, size_t len) PL_HIDDEN;
+void pl_dist_conn_gone(pl_conn *c) PL_HIDDEN;
+void pl_dist_topic_init(pushlet_t *p, pl_topic *t) PL_HIDDEN;
+void pl_dist_topic_empty(void *ctx, pl_topic *t) PL_HIDDEN;
+
+typedef struct pl_dist_shard_view {
+    const char *where, *state, *error; /* address (no password), state name, last error or "" */
+    bool ready;
+    size_t pending; /* publishes sent or queued, not answered */
+} pl_dist_shard_view;
+size_t pl_dist_shards(const pushlet_t *p) PL_HIDDEN;
+bool pl_dist_shard_info(const pushlet_t *p, size_t i, pl_dist_shard_view *out) PL_HIDDEN;
 
 #endif /* PL_INTERNAL_H */

@@ -64,6 +64,15 @@ static const metric metrics[] = {
      PUSHLET_STAT_CLIENT_MESSAGES},
     {"pushlet_events_dropped_total", "counter", "Events dropped because the pull queue was full.",
      NULL, PUSHLET_STAT_EVENTS_DROPPED},
+    {"pushlet_redis_pending", "gauge", "Publishes not yet stored by Redis (distributed mode).",
+     NULL, PUSHLET_STAT_REDIS_PENDING},
+    {"pushlet_redis_shards_down", "gauge", "Redis shards not ready (distributed mode).", NULL,
+     PUSHLET_STAT_REDIS_SHARDS_DOWN},
+    {"pushlet_redis_catch_ups_total", "counter",
+     "Topic history fetches from Redis: topics joined, gaps and outages filled.", NULL,
+     PUSHLET_STAT_REDIS_CATCH_UPS},
+    {"pushlet_redis_publish_errors_total", "counter",
+     "Publishes Redis refused (logged; not delivered).", NULL, PUSHLET_STAT_REDIS_PUBLISH_ERRORS},
     {"pushlet_history_evicted_total", "counter", "Messages evicted early by the history budget.",
      NULL, PUSHLET_STAT_HISTORY_EVICTED},
     {"pushlet_slow_consumer_lags_total", "counter",
@@ -159,11 +168,31 @@ static void put_topics(out *o, const pushlet_t *p)
             top[i]->kept);
 }
 
+/* Distributed mode: each Redis shard's state (loop thread). */
+static void put_redis(out *o, const pushlet_t *p)
+{
+    size_t n = pl_dist_shards(p);
+    if (n == 0)
+        return;
+    put(o, "# HELP pushlet_redis_up Whether a Redis shard is ready (1) or connecting/down (0).\n"
+           "# TYPE pushlet_redis_up gauge\n");
+    pl_dist_shard_view v;
+    for (size_t i = 0; i < n; i++)
+        if (pl_dist_shard_info(p, i, &v))
+            put(o, "pushlet_redis_up{shard=\"%zu\"} %d\n", i, v.ready ? 1 : 0);
+    put(o, "# HELP pushlet_redis_shard_pending Publishes sent or queued to a shard, not answered.\n"
+           "# TYPE pushlet_redis_shard_pending gauge\n");
+    for (size_t i = 0; i < n; i++)
+        if (pl_dist_shard_info(p, i, &v))
+            put(o, "pushlet_redis_shard_pending{shard=\"%zu\"} %zu\n", i, v.pending);
+}
+
 pl_buf *pl_metrics_render(pushlet_t *p)
 {
     out o = {NULL, 0, 0};
     put_counters(&o, p);
     put_topics(&o, p);
+    put_redis(&o, p);
     size_t cap = o.len + 256; /* publishers may bump a counter between the two passes */
     pl_buf *b = pl_buf_new(cap);
     if (!b)
@@ -171,6 +200,7 @@ pl_buf *pl_metrics_render(pushlet_t *p)
     o = (out){b->data, cap, 0};
     put_counters(&o, p);
     put_topics(&o, p);
+    put_redis(&o, p);
     b->len = (uint32_t)(o.len < cap ? o.len : cap - 1);
     return b;
 }

@@ -368,6 +368,7 @@ int pushlet_free(pushlet_t *p)
     if (pl_on_loop_thread(p))
         return PUSHLET_EWRONGTHREAD;
     pushlet_stop(p);
+    pl_dist_free(p);
     pl_inbox_destroy(&p->inbox);
     pl_events_destroy(&p->events);
     uv_mutex_destroy(&p->log_mu);
@@ -405,7 +406,11 @@ static int publish(pushlet_t *p, const char *topic, const char *event, const cha
     }
     if (!rc) {
         m->to_all = to_all;
-        rc = pl_inbox_push(&p->inbox, m);
+        /* Distributed mode: counted until Redis stored it (the bound covers both queues). */
+        size_t bytes = pl_dist_msg_bytes(m);
+        rc = pl_dist_reserve(p, bytes);
+        if (!rc && (rc = pl_inbox_push(&p->inbox, m)) != 0)
+            pl_dist_release(p, bytes);
         if (rc)
             pl_msg_unref(m);
     }

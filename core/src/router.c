@@ -153,6 +153,13 @@ int pl_subscribe_query(pl_conn *c, const char *query, size_t qlen, bool use_defa
         *err = "authorization unavailable";
         return rc;
     }
+    rc = pl_dist_topics_ready(c, topics, lens, n);
+    if (rc == PL_AUTH_WAIT)
+        return PL_AUTH_WAIT; /* routed again once every topic caught up from Redis */
+    if (rc) {
+        *err = "out of memory";
+        return rc;
+    }
     for (size_t i = 0; i < n; i++) {
         if (pl_topics_subscribe(&p->topics, &c->subscriber, topics[i], lens[i]) < 0) {
             pl_topics_unsubscribe_all(&p->topics, &c->subscriber);
@@ -352,6 +359,16 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
                                         : pl_msg_new(t, topic_len, e, event_len, data, data_len);
         if (!m) {
             pl_respond_text(c, 503, "", "out of memory");
+        } else if (p->dist) { /* answered once Redis stored it */
+            m->to_all = kind == PUBLISH_ALL;
+            if (pl_dist_reserve(p, pl_dist_msg_bytes(m)) == 0) {
+                pl_dist_publish(p, m, c);
+            } else {
+                pl_msg_unref(m);
+                PL_STAT_ADD(p, PUSHLET_STAT_PUBLISH_REJECTED, 1);
+                pl_respond_text(c, 503, "Retry-After: 1\r\n",
+                                "too many publishes waiting for Redis: retry later");
+            }
         } else {
             m->to_all = kind == PUBLISH_ALL;
             char id[PL_ID_MAX];
@@ -368,6 +385,35 @@ static void handle_publish(pl_conn *c, pl_http_req *r, const char *query, size_t
 }
 
 /* ---- Introspection -------------------------------------------------------------------------- */
+
+/* Distributed mode: `,"redis":{...}` with each shard's state (addresses without passwords). */
+static size_t redis_stats(const pushlet_t *p, char *out, size_t cap)
+{
+    size_t nshards = pl_dist_shards(p), ready = 0, n = 0;
+    if (nshards == 0)
+        return 0;
+    pl_dist_shard_view v;
+    for (size_t i = 0; i < nshards; i++)
+        ready += pl_dist_shard_info(p, i, &v) && v.ready;
+    const char *state = ready == nshards ? "ready" : ready == 0 ? "down" : "degraded";
+    n += (size_t)snprintf(out + n, cap - n, ",\"redis\":{\"state\":\"%s\",\"shards\":[", state);
+    for (size_t i = 0; i < nshards && n < cap; i++) {
+        pl_dist_shard_info(p, i, &v);
+        char error[256];
+        size_t e = 0;
+        for (const char *s = v.error; *s && e + 2 < sizeof(error); s++) /* JSON-safe, one line */
+            error[e++] = *s == '"' || *s == '\\' ? '\'' : (unsigned char)*s < 0x20 ? ' ' : *s;
+        error[e] = '\0';
+        n += (size_t)snprintf(
+            out + n, cap - n,
+            "%s{\"shard\":%zu,\"address\":\"%s\",\"state\":\"%s\",\"error\":\"%s\","
+            "\"pending\":%zu}",
+            i ? "," : "", i, v.where, v.state, error, v.pending);
+    }
+    if (n < cap)
+        n += (size_t)snprintf(out + n, cap - n, "]}");
+    return n < cap ? n : cap - 1;
+}
 
 static void handle_stats(pl_conn *c, bool head_only)
 {
@@ -401,13 +447,18 @@ static void handle_stats(pl_conn *c, bool head_only)
         "auth_timeouts",
         "client_messages",
         "events_dropped",
+        "redis_pending",
+        "redis_shards_down",
+        "redis_catch_ups",
+        "redis_publish_errors",
     };
-    char body[2048];
+    char body[16384];
     size_t n = 0;
     body[n++] = '{';
     for (int i = 0; i < PUSHLET_STAT_COUNT; i++)
         n += (size_t)snprintf(body + n, sizeof(body) - n, "%s\"%s\":%" PRId64, i ? "," : "",
                               names[i], pushlet_stat(c->p, (pushlet_stat_t)i));
+    n += redis_stats(c->p, body + n, sizeof(body) - n);
     n += (size_t)snprintf(body + n, sizeof(body) - n, "}\n");
     pl_respond(c, 200, "Cache-Control: no-store\r\n", "application/json", body, n, head_only);
 }

@@ -141,6 +141,7 @@ pl_topic *pl_topics_get(pl_topics *t, const char *name, size_t len)
         return NULL;
     tp->hash = h;
     tp->name_len = (uint16_t)len;
+    pl_list_init(&tp->waiters);
     memcpy(tp->name, name, len);
     lock(t);
     if ((t->count + 1) * 4 > t->cap * 3 && grow_table(t) != 0) {
@@ -216,6 +217,8 @@ static void unlink_sub(pl_topics *t, pl_subscriber *s, int k)
     t->subscriptions--;
 
     if (tp->nsubs == 0) {
+        if (t->on_empty)
+            t->on_empty(t->ctx, tp);
         pl_topics_release(t, tp);
     } else if (tp->nsubs * 4 < tp->cap && tp->cap > 16) {
         pl_topic_sub *ns = realloc(tp->subs, (tp->cap / 2) * sizeof(*ns));
@@ -228,7 +231,7 @@ static void unlink_sub(pl_topics *t, pl_subscriber *s, int k)
 
 void pl_topics_release(pl_topics *t, pl_topic *tp)
 {
-    if (tp->nsubs > 0 || tp->kept > 0)
+    if (tp->nsubs > 0 || tp->kept > 0 || tp->holds > 0)
         return;
     if (t->on_drop)
         t->on_drop(t->ctx, tp);

@@ -462,6 +462,8 @@ void pl_ws_subscribe(pl_conn *c, const char *topic, size_t len, const pl_positio
     } else if (c->subscriber.nsubs >= p->cfg.max_topics_per_connection) {
         PL_STAT_ADD(p, PUSHLET_STAT_TOPICS_REJECTED, 1);
         reply(c, "error", topic, "too_many_topics", "topic limit per connection reached");
+    } else if (!pl_dist_command_ready(c, topic, len, since)) {
+        /* distributed mode: called again once the topic caught up from Redis */
     } else if (pl_topics_subscribe(&p->topics, &c->subscriber, topic, len) < 0) {
         reply(c, "error", topic, "internal", "out of memory");
     } else {
@@ -501,7 +503,8 @@ static void unsubscribe(pl_conn *c, const pl_ws_command *cmd)
         pl_sync_topic_stats(p);
         pl_hooks_emit(p, e);
         reply(c, "unsubscribed", cmd->topic, NULL, NULL);
-    } else if (pl_hooks_cancel_command(c, cmd->topic, cmd->topic_len)) {
+    } else if (pl_hooks_cancel_command(c, cmd->topic, cmd->topic_len) ||
+               pl_dist_cancel_command(c, cmd->topic, cmd->topic_len)) {
         reply(c, "unsubscribed", cmd->topic, NULL, NULL); /* its subscribe never completed */
     } else {
         reply(c, "error", cmd->topic, "not_subscribed", "not subscribed to this topic");

@@ -1,0 +1,1209 @@
+/* The distributed mode's Redis layer (redis.c, redis_uv.c, redis_util.c) against real
+ * redis-server processes: each test starts its own on a free loopback port (no persistence, in a
+ * temporary directory) and kills it by PID. The client runs on a uv loop in the test thread. */
+#include "redis.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Measurements go to stderr: Criterion's own log calls leak in its runner when tests run in
+ * parallel (seen under LeakSanitizer). */
+#define note(...) (fprintf(stderr, "[info] " __VA_ARGS__), fputc('\n', stderr))
+
+/* ---- redis-server processes ------------------------------------------------------------------ */
+
+typedef struct srv {
+    pid_t pid;
+    int port;
+    char dir[64];
+    char sock[128];
+    const char *password;
+} srv;
+
+static srv *started[4]; /* what a failed assertion left running: ended by .fini */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+    socklen_t len = sizeof(a);
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static redisContext *srv_connect(const srv *s)
+{
+    struct timeval tv = {1, 0};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", s->port, tv);
+    if (c == NULL || c->err) {
+        if (c != NULL)
+            redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, tv);
+    if (s->password != NULL) {
+        redisReply *rep = redisCommand(c, "AUTH %s", s->password);
+        if (rep != NULL)
+            freeReplyObject(rep);
+    }
+    return c;
+}
+
+/* Runs one command on the server (db `db`); the caller frees the reply. */
+static redisReply *srv_cmd(const srv *s, int db, const char *fmt, ...)
+{
+    redisContext *c = srv_connect(s);
+    cr_assert(c != NULL, "cannot reach redis on port %d", s->port);
+    if (db != 0)
+        freeReplyObject(redisCommand(c, "SELECT %d", db));
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *rep = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    cr_assert(rep != NULL);
+    return rep;
+}
+
+static long long srv_int(const srv *s, int db, const char *fmt, const char *arg)
+{
+    redisReply *rep = srv_cmd(s, db, fmt, arg);
+    cr_assert(rep->type == REDIS_REPLY_INTEGER, "reply type %d", rep->type);
+    long long v = rep->integer;
+    freeReplyObject(rep);
+    return v;
+}
+
+/* "calls=N" of a command in INFO commandstats (0 when never called). */
+static long long srv_calls(const srv *s, const char *cmd)
+{
+    redisReply *rep = srv_cmd(s, 0, "INFO commandstats");
+    char key[64];
+    snprintf(key, sizeof(key), "cmdstat_%s:calls=", cmd);
+    const char *p = strstr(rep->str, key);
+    long long v = p ? atoll(p + strlen(key)) : 0;
+    freeReplyObject(rep);
+    return v;
+}
+
+static void srv_spawn(srv *s)
+{
+    char port[16], log[128];
+    snprintf(port, sizeof(port), "%d", s->port);
+    snprintf(log, sizeof(log), "%s/redis.log", s->dir);
+    const char *argv[24];
+    int n = 0;
+    argv[n++] = "/usr/bin/redis-server";
+    argv[n++] = "--port";
+    argv[n++] = port;
+    argv[n++] = "--bind";
+    argv[n++] = "127.0.0.1";
+    argv[n++] = "--save";
+    argv[n++] = "";
+    argv[n++] = "--appendonly";
+    argv[n++] = "no";
+    argv[n++] = "--dir";
+    argv[n++] = s->dir;
+    argv[n++] = "--unixsocket";
+    argv[n++] = s->sock;
+    argv[n++] = "--unixsocketperm";
+    argv[n++] = "700";
+    if (s->password != NULL) {
+        argv[n++] = "--requirepass";
+        argv[n++] = s->password;
+    }
+    argv[n] = NULL;
+    pid_t pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        /* Nothing of the test process (Criterion's channel, the loop's fds) goes along. */
+        for (int i = 3; i < 1024; i++)
+            close(i);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    s->pid = pid;
+    for (int i = 0; i < 4; i++) {
+        if (started[i] == s)
+            break;
+        if (started[i] == NULL) {
+            started[i] = s;
+            break;
+        }
+    }
+    int64_t deadline = now_ms() + 5000;
+    while (now_ms() < deadline) {
+        redisContext *c = srv_connect(s);
+        if (c != NULL) {
+            redisReply *rep = redisCommand(c, "PING");
+            bool ok = rep != NULL && rep->type == REDIS_REPLY_STATUS;
+            if (rep != NULL)
+                freeReplyObject(rep);
+            redisFree(c);
+            if (ok)
+                return;
+        }
+        usleep(10000);
+    }
+    cr_assert_fail("redis-server did not start on port %d", s->port);
+}
+
+static void srv_start(srv *s, const char *password)
+{
+    memset(s, 0, sizeof(*s));
+    snprintf(s->dir, sizeof(s->dir), "/tmp/pl-redis-test-XXXXXX");
+    cr_assert(mkdtemp(s->dir) != NULL);
+    snprintf(s->sock, sizeof(s->sock), "%s/redis.sock", s->dir);
+    s->password = password;
+    s->port = free_port();
+    srv_spawn(s);
+}
+
+static void srv_kill(srv *s)
+{
+    if (s->pid > 0) {
+        kill(s->pid, SIGKILL);
+        waitpid(s->pid, NULL, 0);
+        s->pid = 0;
+    }
+}
+
+static void srv_stop(srv *s)
+{
+    for (int i = 0; i < 4; i++)
+        if (started[i] == s)
+            started[i] = NULL;
+    srv_kill(s);
+    char path[160];
+    snprintf(path, sizeof(path), "%s/redis.log", s->dir);
+    unlink(path);
+    unlink(s->sock);
+    rmdir(s->dir);
+}
+
+/* ---- A client on a loop, recording everything -------------------------------------------------
+ */
+
+typedef struct msg {
+    char topic[130], event[70];
+    char *data;
+    size_t data_len;
+    uint64_t epoch, seq;
+    int64_t published_ms;
+} msg;
+
+typedef struct result {
+    int status;
+    char id[PL_ID_MAX];
+    uint64_t epoch, seq;
+    intptr_t tag;
+} result;
+
+typedef struct ctx {
+    uv_loop_t *loop;
+    pl_redis *r;
+    int state;
+    int downs, readys, resyncs;
+    char error[512];
+    msg msgs[512];
+    size_t nmsgs;
+    result pubs[512];
+    size_t npubs;
+    /* Last fetch. */
+    int fetch_done, fetch_status;
+    uint64_t fetch_epoch, fetch_last;
+    size_t fetched;
+    /* Resync handling: fetch what was missed. */
+    bool auto_fetch;
+    char topic[64];
+    uint64_t known_epoch;
+    bool free_on_ready;
+} ctx;
+
+static void on_state(pl_redis *r, int state, const char *error, void *ud)
+{
+    ctx *c = ud;
+    c->state = state;
+    if (state == PL_REDIS_DOWN) {
+        c->downs++;
+        snprintf(c->error, sizeof(c->error), "%s", error ? error : "");
+    }
+    if (state == PL_REDIS_READY) {
+        c->readys++;
+        if (c->free_on_ready) {
+            pl_redis_free(r);
+            c->r = NULL;
+        }
+    }
+}
+
+static bool have_seq(const ctx *c, uint64_t epoch, uint64_t seq)
+{
+    for (size_t i = 0; i < c->nmsgs; i++)
+        if (c->msgs[i].epoch == epoch && c->msgs[i].seq == seq)
+            return true;
+    return false;
+}
+
+static void keep(ctx *c, const pl_redis_record *rec)
+{
+    if (rec->topic_len > 0 && have_seq(c, rec->epoch, rec->seq))
+        return; /* live and fetched may overlap */
+    cr_assert(c->nmsgs < 512);
+    msg *m = &c->msgs[c->nmsgs++];
+    snprintf(m->topic, sizeof(m->topic), "%.*s", (int)rec->topic_len, rec->topic);
+    snprintf(m->event, sizeof(m->event), "%.*s", (int)rec->event_len, rec->event);
+    m->data = malloc(rec->data_len + 1);
+    memcpy(m->data, rec->data, rec->data_len);
+    m->data[rec->data_len] = '\0';
+    m->data_len = rec->data_len;
+    m->epoch = rec->epoch;
+    m->seq = rec->seq;
+    m->published_ms = rec->published_ms;
+}
+
+static void on_message(pl_redis *r, const pl_redis_record *rec, void *ud) { keep(ud, rec); }
+
+static void on_fetched(pl_redis *r, int status, uint64_t epoch, uint64_t last,
+                       const pl_redis_record *msgs, size_t n, const char *error, void *ud);
+
+static uint64_t last_seq_seen(const ctx *c, uint64_t epoch)
+{
+    uint64_t s = 0;
+    for (size_t i = 0; i < c->nmsgs; i++)
+        if (c->msgs[i].epoch == epoch && c->msgs[i].seq > s)
+            s = c->msgs[i].seq;
+    return s;
+}
+
+static void on_fetched(pl_redis *r, int status, uint64_t epoch, uint64_t last,
+                       const pl_redis_record *msgs, size_t n, const char *error, void *ud)
+{
+    ctx *c = ud;
+    c->fetch_status = status;
+    c->fetch_epoch = epoch;
+    c->fetch_last = last;
+    if (status == 0 && c->auto_fetch && epoch != c->known_epoch) {
+        /* Another epoch: our positions are void, read the new lineage from its start. */
+        c->known_epoch = epoch;
+        cr_assert(pl_redis_fetch(r, c->topic, strlen(c->topic), 0, 0, on_fetched, c) == 0);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        keep(c, &msgs[i]);
+        c->fetched++;
+    }
+    c->fetch_done++;
+}
+
+static void on_resync(pl_redis *r, void *ud)
+{
+    ctx *c = ud;
+    c->resyncs++;
+    if (c->auto_fetch)
+        cr_assert(pl_redis_fetch(r, c->topic, strlen(c->topic), last_seq_seen(c, c->known_epoch), 0,
+                                 on_fetched, c) == 0);
+}
+
+static void on_published(pl_redis *r, int status, const char *id, uint64_t epoch, uint64_t seq,
+                         const char *error, void *ud)
+{
+    ctx *c = ud;
+    cr_assert(c->npubs < 512);
+    result *p = &c->pubs[c->npubs++];
+    p->status = status;
+    snprintf(p->id, sizeof(p->id), "%s", id);
+    p->epoch = epoch;
+    p->seq = seq;
+}
+
+static void ctx_open(ctx *c, uv_loop_t *loop, pl_redis_options *o)
+{
+    memset(c, 0, sizeof(*c));
+    c->loop = loop;
+    c->state = PL_REDIS_CONNECTING;
+    pl_redis_callbacks cb = {
+        .on_state = on_state, .on_resync = on_resync, .on_message = on_message, .ud = c};
+    cr_assert_eq(pl_redis_new(&c->r, loop, o, &cb), 0);
+}
+
+static void ctx_close(ctx *c)
+{
+    pl_redis_free(c->r);
+    c->r = NULL;
+    for (size_t i = 0; i < c->nmsgs; i++)
+        free(c->msgs[i].data);
+    c->nmsgs = 0;
+}
+
+static void options(pl_redis_options *o, const char *address)
+{
+    pl_redis_options_init(o);
+    o->address = address;
+    o->backoff_min_ms = 20;
+    o->backoff_max_ms = 100;
+}
+
+static void on_tick(uv_timer_t *t) {}
+
+/* Runs the loop until cond() or the timeout; the tick timer bounds each wait. */
+static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *arg, int timeout_ms)
+{
+    uv_timer_t tick;
+    uv_timer_init(loop, &tick);
+    uv_timer_start(&tick, on_tick, 5, 5);
+    int64_t deadline = now_ms() + timeout_ms;
+    bool ok;
+    while (!(ok = cond(arg)) && now_ms() < deadline)
+        uv_run(loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&tick, NULL);
+    uv_run(loop, UV_RUN_NOWAIT);
+    return ok;
+}
+
+static void run_for(uv_loop_t *loop, int ms)
+{
+    int64_t until = now_ms() + ms;
+    uv_timer_t tick;
+    uv_timer_init(loop, &tick);
+    uv_timer_start(&tick, on_tick, 5, 5);
+    while (now_ms() < until)
+        uv_run(loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&tick, NULL);
+    uv_run(loop, UV_RUN_NOWAIT);
+}
+
+/* Every handle closed, nothing left on the loop. */
+static void loop_done(uv_loop_t *loop)
+{
+    int64_t deadline = now_ms() + 2000;
+    while (uv_run(loop, UV_RUN_NOWAIT) != 0 && now_ms() < deadline)
+        usleep(1000);
+    cr_assert_eq(uv_loop_close(loop), 0, "handles left on the loop");
+}
+
+static bool is_ready(void *a) { return ((ctx *)a)->state == PL_REDIS_READY; }
+static bool is_down(void *a) { return ((ctx *)a)->state == PL_REDIS_DOWN; }
+static bool fetch_done(void *a) { return ((ctx *)a)->fetch_done > 0; }
+
+typedef struct want {
+    ctx *c;
+    size_t pubs, msgs;
+} want;
+
+static bool got(void *a)
+{
+    want *w = a;
+    return w->c->npubs >= w->pubs && w->c->nmsgs >= w->msgs;
+}
+
+static void publish_n(ctx *c, const char *topic, int from, int to)
+{
+    for (int i = from; i < to; i++) {
+        char data[32];
+        int n = snprintf(data, sizeof(data), "m%d", i);
+        cr_assert_eq(pl_redis_publish(c->r, topic, strlen(topic), "upd", 3, data, (size_t)n, 0,
+                                      on_published, c),
+                     0);
+    }
+}
+
+/* Every test is bounded in time: SIGALRM ends a stuck worker, which Criterion reports as a
+ * crash. (Criterion 2.4.1's own .timeout leaks in its runner when tests run in parallel, which
+ * LeakSanitizer reports and ctest then fails on.) */
+static void bound_time(void) { alarm(30); }
+
+static void srv_stop(srv *s);
+static void cleanup_servers(void)
+{
+    for (int i = 0; i < 4; i++)
+        if (started[i] != NULL)
+            srv_stop(started[i]);
+}
+
+TestSuite(redis, .init = bound_time, .fini = cleanup_servers);
+
+/* ---- Pure helpers -----------------------------------------------------------------------------
+ */
+
+Test(redis, helpers)
+{
+    pl_redis_addr a;
+    cr_assert_eq(pl_redis_parse_address("127.0.0.1:6380", &a), 0);
+    cr_assert(!a.is_unix && strcmp(a.host, "127.0.0.1") == 0 && a.port == 6380 && a.db == -1);
+    cr_assert_eq(pl_redis_parse_address("localhost", &a), 0);
+    cr_assert(strcmp(a.host, "localhost") == 0 && a.port == 6379);
+    cr_assert_eq(pl_redis_parse_address("[::1]:7000", &a), 0);
+    cr_assert(strcmp(a.host, "::1") == 0 && a.port == 7000);
+    cr_assert_eq(pl_redis_parse_address("redis://:p%40ss@h:1/3", &a), 0);
+    cr_assert(a.has_password && strcmp(a.password, "p@ss") == 0 && a.user[0] == '\0');
+    cr_assert(strcmp(a.host, "h") == 0 && a.port == 1 && a.db == 3);
+    cr_assert_eq(pl_redis_parse_address("redis://bob:pw@h", &a), 0);
+    cr_assert(strcmp(a.user, "bob") == 0 && strcmp(a.password, "pw") == 0 && a.port == 6379);
+    cr_assert_eq(pl_redis_parse_address("unix:/tmp/r.sock", &a), 0);
+    cr_assert(a.is_unix && strcmp(a.host, "/tmp/r.sock") == 0);
+    cr_assert_eq(pl_redis_parse_address("/tmp/r.sock", &a), 0);
+    cr_assert(a.is_unix);
+    const char *bad[] = {"",     "h:0",   "h:70000",   "h:x", "redis://h/x", "redis://:%4@h",
+                         "[::1", "unix:", "rediss://h"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        cr_assert_eq(pl_redis_parse_address(bad[i], &a), PUSHLET_EINVAL, "%s", bad[i]);
+
+    /* FNV-1a 32: "a" -> 0xe40c292c. */
+    cr_assert_eq(pl_redis_shard_of("a", 1, 0x7fffffff), 0xe40c292cu % 0x7fffffffu);
+    cr_assert_eq(pl_redis_shard_of("anything", 8, 1), 0);
+    int counts[2] = {0, 0};
+    for (int i = 0; i < 1000; i++) {
+        char t[16];
+        int n = snprintf(t, sizeof(t), "topic%d", i);
+        counts[pl_redis_shard_of(t, (size_t)n, 2)]++;
+    }
+    cr_assert(counts[0] > 400 && counts[1] > 400, "%d/%d", counts[0], counts[1]);
+
+    pl_redis_record in = {.topic = "t",
+                          .topic_len = 1,
+                          .event = "e",
+                          .event_len = 1,
+                          .data = "a\0b",
+                          .data_len = 3,
+                          .epoch = 123456789,
+                          .seq = 42,
+                          .published_ms = 1700000000000},
+                    out;
+    char *buf;
+    size_t len;
+    cr_assert_eq(pl_redis_record_encode(&in, &buf, &len), 0);
+    cr_assert_eq(pl_redis_record_decode(buf, len, &out), 0);
+    cr_assert(out.topic_len == 1 && out.data_len == 3 && memcmp(out.data, "a\0b", 3) == 0);
+    cr_assert(out.epoch == 123456789 && out.seq == 42 && out.published_ms == 1700000000000);
+    cr_assert_eq(pl_redis_record_decode(buf, len - 1, &out), PUSHLET_EINVAL);
+    free(buf);
+    cr_assert_eq(pl_redis_record_decode("\x93\x01\x02\x03", 4, &out), PUSHLET_EINVAL);
+
+    uint64_t e, s;
+    cr_assert_eq(pl_redis_parse_id("k3x9q2ab-17", 11, &e, &s), 0);
+    cr_assert_eq(s, 17);
+    cr_assert_eq(pl_redis_parse_id("K-1", 3, &e, &s), PUSHLET_EINVAL);
+}
+
+/* ---- Against redis-server ---------------------------------------------------------------------
+ */
+
+Test(redis, publish_and_receive)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert_eq(pl_redis_subscribe(c.r, "news", 4), 0);
+    cr_assert_eq(pl_redis_subscribe(c.r, "bad topic", 9), PUSHLET_EINVAL);
+    cr_assert(run_until(&loop, is_ready, &c, 3000), "not ready: %s", c.error);
+
+    int64_t t0 = now_ms();
+    publish_n(&c, "news", 0, 19);
+    cr_assert_eq(
+        pl_redis_publish(c.r, "news", 4, NULL, 0, "line1\nli\0ne2", 12, 1234, on_published, &c), 0);
+    cr_assert_eq(pl_redis_publish(c.r, "news", 4, "bad event", 9, "x", 1, 0, NULL, NULL),
+                 PUSHLET_EINVAL);
+    want w = {&c, 20, 20};
+    cr_assert(run_until(&loop, got, &w, 3000), "pubs %zu msgs %zu", c.npubs, c.nmsgs);
+    note("20 publishes round trip: %lld ms", (long long)(now_ms() - t0));
+    uint64_t epoch = c.pubs[0].epoch;
+    cr_assert_neq(epoch, 0);
+    for (size_t i = 0; i < 20; i++) {
+        cr_assert_eq(c.pubs[i].status, 0);
+        cr_assert_eq(c.pubs[i].seq, i + 1, "publish %zu got seq %llu", i,
+                     (unsigned long long)c.pubs[i].seq);
+        cr_assert_eq(c.pubs[i].epoch, epoch);
+        char id[PL_ID_MAX];
+        pl_position_format(id, (pl_position){epoch, i + 1});
+        cr_assert_str_eq(c.pubs[i].id, id);
+        cr_assert_str_eq(c.msgs[i].topic, "news");
+        cr_assert_eq(c.msgs[i].seq, i + 1);
+        cr_assert_eq(c.msgs[i].epoch, epoch);
+    }
+    cr_assert_str_eq(c.msgs[0].data, "m0");
+    cr_assert_str_eq(c.msgs[0].event, "upd");
+    cr_assert_str_eq(c.msgs[19].event, "message");
+    cr_assert_eq(c.msgs[19].data_len, 12);
+    cr_assert(memcmp(c.msgs[19].data, "line1\nli\0ne2", 12) == 0);
+    cr_assert_eq(c.msgs[19].published_ms, 1234);
+    cr_assert(c.msgs[0].published_ms > 1600000000000);
+
+    /* Publish-to-all: no history, no ID. */
+    cr_assert_eq(pl_redis_publish_all(c.r, "bye", 3, "all", 3, 0, on_published, &c), 0);
+    w = (want){&c, 21, 21};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_eq(c.pubs[20].status, 0);
+    cr_assert_str_eq(c.pubs[20].id, "");
+    cr_assert_str_eq(c.msgs[20].topic, "");
+    cr_assert_str_eq(c.msgs[20].data, "all");
+
+    /* History after seq 15: 16..20. */
+    cr_assert_eq(pl_redis_fetch(c.r, "news", 4, 15, 0, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert_eq(c.fetch_status, 0);
+    cr_assert_eq(c.fetch_epoch, epoch);
+    cr_assert_eq(c.fetch_last, 20);
+    cr_assert_eq(c.fetched, 5);
+    cr_assert_eq(c.nmsgs, 21); /* all were already kept from pub/sub: the same IDs */
+    /* A topic never published: same epoch, nothing kept. */
+    c.fetch_done = 0;
+    cr_assert_eq(pl_redis_fetch(c.r, "quiet", 5, 0, 0, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert(c.fetch_status == 0 && c.fetch_epoch == epoch && c.fetch_last == 0);
+    cr_assert_eq(srv_int(&s, 0, "XLEN %s", "pushlet:h:{news}"), 20);
+
+    pl_redis_stats st;
+    pl_redis_get_stats(c.r, &st);
+    cr_assert_eq(st.published, 21);
+    cr_assert_eq(st.messages_in, 21);
+    cr_assert_eq(st.decode_errors, 0);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+/* A fetch that returns records into a fresh context (no pub/sub copies). */
+Test(redis, history_fetch_bounds)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    o.history_size = 5000;
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_ready, &c, 3000), "%s", c.error);
+    publish_n(&c, "h", 0, 50);
+    want w = {&c, 50, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_eq(pl_redis_fetch(c.r, "h", 1, 10, 7, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert_eq(c.fetched, 7);
+    for (size_t i = 0; i < 7; i++) {
+        cr_assert_eq(c.msgs[i].seq, 11 + i);
+        char d[16];
+        snprintf(d, sizeof(d), "m%zu", 10 + i);
+        cr_assert_str_eq(c.msgs[i].data, d);
+        cr_assert_str_eq(c.msgs[i].topic, "h");
+    }
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+Test(redis, password_and_db)
+{
+    srv s;
+    srv_start(&s, "s3cret");
+    char addr[96];
+    snprintf(addr, sizeof(addr), "redis://:s3cret@127.0.0.1:%d/3", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert_eq(pl_redis_subscribe(c.r, "t", 1), 0);
+    cr_assert(run_until(&loop, is_ready, &c, 3000), "not ready: %s", c.error);
+    publish_n(&c, "t", 0, 1);
+    want w = {&c, 1, 1};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_eq(c.pubs[0].status, 0);
+    cr_assert_eq(srv_int(&s, 3, "XLEN %s", "pushlet:h:{t}"), 1);
+    cr_assert_eq(srv_int(&s, 0, "EXISTS %s", "pushlet:h:{t}"), 0);
+    ctx_close(&c);
+
+    /* Password and db as options instead. */
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    options(&o, addr);
+    o.password = "s3cret";
+    o.db = 2;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_ready, &c, 3000), "not ready: %s", c.error);
+    publish_n(&c, "t", 0, 1);
+    w = (want){&c, 1, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_eq(srv_int(&s, 2, "XLEN %s", "pushlet:h:{t}"), 1);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+Test(redis, wrong_password)
+{
+    srv s;
+    srv_start(&s, "s3cret");
+    char addr[96];
+    snprintf(addr, sizeof(addr), "redis://:nope@127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    int64_t t0 = now_ms();
+    cr_assert(run_until(&loop, is_down, &c, 2000), "no error reported");
+    int64_t took = now_ms() - t0;
+    note("wrong password reported in %lld ms: %s", (long long)took, c.error);
+    cr_assert(strstr(c.error, "redis: authentication failed") != NULL, "%s", c.error);
+    cr_assert(strstr(c.error, "WRONGPASS") != NULL, "%s", c.error);
+    cr_assert_str_eq(pl_redis_last_error(c.r), c.error);
+    cr_assert_eq(c.readys, 0);
+    /* Publishes wait (bounded) while it keeps retrying. */
+    publish_n(&c, "t", 0, 3);
+    cr_assert_eq(pl_redis_pending(c.r), 3);
+    cr_assert_eq(pl_redis_fetch(c.r, "t", 1, 0, 0, on_fetched, &c), PUSHLET_ESTOPPED);
+    run_for(&loop, 150);
+    cr_assert(c.downs >= 2, "retries: %d", c.downs);
+    cr_assert_eq(c.npubs, 0);
+    ctx_close(&c);
+
+    /* No password at all against a server that wants one. */
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    options(&o, addr);
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 2000));
+    cr_assert(strstr(c.error, "NOAUTH") != NULL, "%s", c.error);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+Test(redis, connection_refused)
+{
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", free_port());
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 2000));
+    cr_assert(strstr(c.error, "refused") != NULL, "%s", c.error);
+    run_for(&loop, 300);
+    cr_assert(c.downs >= 3, "retried %d times", c.downs);
+    cr_assert_eq(c.readys, 0);
+    ctx_close(&c);
+
+    /* A unix socket that does not exist fails at once (before any adapter). */
+    options(&o, "unix:/tmp/pl-redis-test-missing/redis.sock");
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 2000));
+    cr_assert(strstr(c.error, "cannot connect") != NULL, "%s", c.error);
+    ctx_close(&c);
+
+    /* A name that needs resolving, and one that does not resolve. */
+    snprintf(addr, sizeof(addr), "localhost:%d", free_port());
+    options(&o, addr);
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 3000));
+    cr_assert(strstr(c.error, "refused") != NULL, "%s", c.error);
+    ctx_close(&c);
+    options(&o, "no-such-host.invalid:6379");
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 5000));
+    cr_assert(strstr(c.error, "cannot resolve") != NULL, "%s", c.error);
+    ctx_close(&c);
+    loop_done(&loop);
+}
+
+/* TOOLCHAIN.md: a context that never finished connecting is freed without onDisconnect; the
+ * client must not keep a pointer to it (this double-freed with a naive adapter). */
+Test(redis, create_and_free)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    for (int i = 0; i < 20; i++) {
+        ctx_open(&c, &loop, &o);
+        ctx_close(&c); /* before the loop ever ran */
+    }
+    uv_run(&loop, UV_RUN_NOWAIT);
+    for (int i = 0; i < 20; i++) {
+        ctx_open(&c, &loop, &o);
+        uv_run(&loop, UV_RUN_NOWAIT); /* connect in progress */
+        ctx_close(&c);
+    }
+    uv_run(&loop, UV_RUN_NOWAIT);
+    /* Freed with publishes in flight and subscriptions: no callback after free. */
+    ctx_open(&c, &loop, &o);
+    pl_redis_subscribe(c.r, "x", 1);
+    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    publish_n(&c, "x", 0, 10);
+    ctx_close(&c);
+    run_for(&loop, 50);
+    cr_assert_eq(c.npubs, 0);
+    /* Freed from inside its own state callback. */
+    ctx_open(&c, &loop, &o);
+    c.free_on_ready = true;
+    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    cr_assert(c.r == NULL);
+    /* Against a refused port, freed while connecting and while down. */
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", free_port());
+    options(&o, addr);
+    ctx_open(&c, &loop, &o);
+    ctx_close(&c);
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 2000));
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+typedef struct seen_wait {
+    ctx *c;
+    uint64_t epoch, seq;
+} seen_wait;
+
+static bool seen_all(void *a)
+{
+    seen_wait *w = a;
+    return last_seq_seen(w->c, w->epoch) >= w->seq;
+}
+
+typedef struct pair {
+    ctx *a, *b;
+    int state;
+} pair;
+
+static bool both_state(void *arg)
+{
+    pair *p = arg;
+    return p->a->state == p->state && p->b->state == p->state;
+}
+
+/* Redis killed (SIGKILL) mid-stream and restarted on the same port: both clients reconnect,
+ * the subscriber resubscribes and resyncs, publishes made during the outage go out in order. */
+Test(redis, kill_and_restart)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    o.backoff_min_ms = 50;
+    o.backoff_max_ms = 200;
+    ctx sub, pub;
+    ctx_open(&sub, &loop, &o);
+    ctx_open(&pub, &loop, &o);
+    sub.auto_fetch = true;
+    snprintf(sub.topic, sizeof(sub.topic), "feed");
+    cr_assert_eq(pl_redis_subscribe(sub.r, "feed", 4), 0);
+    pair p = {&sub, &pub, PL_REDIS_READY};
+    cr_assert(run_until(&loop, both_state, &p, 3000));
+
+    publish_n(&pub, "feed", 0, 10);
+    want w = {&pub, 10, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    w = (want){&sub, 0, 10};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    uint64_t old_epoch = pub.pubs[0].epoch;
+    sub.known_epoch = old_epoch;
+
+    /* Some publishes in flight at the kill, then more while it is down. */
+    publish_n(&pub, "feed", 10, 15);
+    srv_kill(&s);
+    p.state = PL_REDIS_DOWN;
+    cr_assert(run_until(&loop, both_state, &p, 3000));
+    publish_n(&pub, "feed", 15, 25);
+    cr_assert(pl_redis_pending(pub.r) >= 10);
+    run_for(&loop, 300); /* a few failed retries */
+    srv_spawn(&s);
+    int64_t t0 = now_ms();
+    p.state = PL_REDIS_READY;
+    cr_assert(run_until(&loop, both_state, &p, 5000), "no reconnect: %s / %s", sub.error,
+              pub.error);
+    note("reconnected %lld ms after restart", (long long)(now_ms() - t0));
+    w = (want){&pub, 25, 0};
+    cr_assert(run_until(&loop, got, &w, 5000), "publishes answered: %zu", pub.npubs);
+    cr_assert_eq(pl_redis_pending(pub.r), 0);
+
+    /* Every queued publish succeeded, in call order, in the new lineage. */
+    uint64_t new_epoch = pub.pubs[24].epoch;
+    cr_assert_neq(new_epoch, old_epoch);
+    size_t first_new = 10;
+    while (first_new < 25 && pub.pubs[first_new].epoch != new_epoch)
+        first_new++;
+    for (size_t i = 10; i < 25; i++) {
+        cr_assert_eq(pub.pubs[i].status, 0);
+        if (i >= first_new) {
+            cr_assert_eq(pub.pubs[i].epoch, new_epoch);
+            cr_assert_eq(pub.pubs[i].seq, i - first_new + 1);
+        }
+    }
+    /* The subscriber has every message of the new lineage, once, in order. */
+    uint64_t n_new = pub.pubs[24].seq;
+    cr_assert_eq(sub.resyncs, 1);
+    seen_wait sw = {&sub, new_epoch, n_new};
+    cr_assert(run_until(&loop, seen_all, &sw, 3000), "sub has %llu of %llu",
+              (unsigned long long)last_seq_seen(&sub, new_epoch), (unsigned long long)n_new);
+    uint64_t expect = 1;
+    for (size_t i = 0; i < sub.nmsgs; i++) {
+        if (sub.msgs[i].epoch != new_epoch)
+            continue;
+        cr_assert_eq(sub.msgs[i].seq, expect, "got seq %llu, expected %llu",
+                     (unsigned long long)sub.msgs[i].seq, (unsigned long long)expect);
+        char d[16];
+        snprintf(d, sizeof(d), "m%zu", first_new + (size_t)(expect - 1));
+        cr_assert_str_eq(sub.msgs[i].data, d);
+        expect++;
+    }
+    cr_assert_eq(expect, n_new + 1);
+    pl_redis_stats st;
+    pl_redis_get_stats(sub.r, &st);
+    cr_assert(st.connects == 2 && st.disconnects == 1);
+    note("subscriber: %zu live+fetched, %zu via fetch", sub.nmsgs, sub.fetched);
+    ctx_close(&sub);
+    ctx_close(&pub);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+/* The subscriber alone is cut off (its connections killed) while the publisher goes on: it
+ * resyncs and fetches exactly what it missed, same epoch. */
+Test(redis, cut_off_subscriber_fetches_missed)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx sub, pub;
+    o.backoff_min_ms = 400; /* the subscriber stays away a while */
+    o.backoff_max_ms = 400;
+    ctx_open(&sub, &loop, &o);
+    options(&o, addr);
+    ctx_open(&pub, &loop, &o);
+    sub.auto_fetch = true;
+    snprintf(sub.topic, sizeof(sub.topic), "feed");
+    pl_redis_subscribe(sub.r, "feed", 4);
+    pair p = {&sub, &pub, PL_REDIS_READY};
+    cr_assert(run_until(&loop, both_state, &p, 3000));
+    publish_n(&pub, "feed", 0, 5);
+    want w = {&sub, 0, 5};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    uint64_t epoch = pub.pubs[0].epoch;
+    sub.known_epoch = epoch;
+
+    /* Kill every pub/sub connection: both clients drop, the publisher is back first. */
+    freeReplyObject(srv_cmd(&s, 0, "CLIENT KILL TYPE pubsub"));
+    cr_assert(run_until(&loop, is_down, &sub, 2000));
+    cr_assert(run_until(&loop, is_ready, &pub, 2000));
+    cr_assert(sub.state != PL_REDIS_READY);
+    publish_n(&pub, "feed", 5, 12);
+    w = (want){&pub, 12, 0};
+    cr_assert(run_until(&loop, got, &w, 2000));
+    cr_assert(sub.state != PL_REDIS_READY, "the subscriber came back too early");
+    size_t live_before = sub.nmsgs;
+    cr_assert_eq(live_before, 5);
+
+    seen_wait sw = {&sub, epoch, 12};
+    cr_assert(run_until(&loop, seen_all, &sw, 5000),
+              "state %d resyncs %d fetches %d status %d fetched %zu msgs %zu err %s", sub.state,
+              sub.resyncs, sub.fetch_done, sub.fetch_status, sub.fetched, sub.nmsgs, sub.error);
+    cr_assert_eq(sub.resyncs, 1);
+    cr_assert_eq(sub.fetched, 7, "fetched %zu", sub.fetched);
+    for (size_t i = 0; i < sub.nmsgs; i++) {
+        cr_assert_eq(sub.msgs[i].seq, i + 1);
+        cr_assert_eq(sub.msgs[i].epoch, epoch);
+    }
+    cr_assert_eq(sub.nmsgs, 12);
+    /* And live again afterwards. */
+    publish_n(&pub, "feed", 12, 13);
+    w = (want){&sub, 0, 13};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    ctx_close(&sub);
+    ctx_close(&pub);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+Test(redis, queue_bound)
+{
+    int port = free_port();
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    o.queue_max_count = 5;
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_down, &c, 2000));
+    publish_n(&c, "q", 0, 5);
+    cr_assert_eq(pl_redis_publish(c.r, "q", 1, NULL, 0, "x", 1, 0, on_published, &c),
+                 PUSHLET_EFULL);
+    cr_assert_eq(pl_redis_pending(c.r), 5);
+
+    pl_redis_options ob;
+    options(&ob, addr);
+    ob.queue_max_bytes = 700;
+    ctx b;
+    ctx_open(&b, &loop, &ob);
+    char big[300];
+    memset(big, 'b', sizeof(big));
+    cr_assert_eq(pl_redis_publish(b.r, "q", 1, NULL, 0, big, sizeof(big), 0, NULL, NULL), 0);
+    cr_assert_eq(pl_redis_publish(b.r, "q", 1, NULL, 0, big, sizeof(big), 0, NULL, NULL),
+                 PUSHLET_EFULL);
+    ctx_close(&b);
+
+    /* Redis appears: the queue goes out in order. */
+    srv s;
+    memset(&s, 0, sizeof(s));
+    snprintf(s.dir, sizeof(s.dir), "/tmp/pl-redis-test-XXXXXX");
+    cr_assert(mkdtemp(s.dir) != NULL);
+    snprintf(s.sock, sizeof(s.sock), "%s/redis.sock", s.dir);
+    s.port = port;
+    srv_spawn(&s);
+    want w = {&c, 5, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    for (size_t i = 0; i < 5; i++) {
+        cr_assert_eq(c.pubs[i].status, 0);
+        cr_assert_eq(c.pubs[i].seq, i + 1);
+    }
+    /* Publishes go out once the command connection is up; fetches need READY. */
+    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    cr_assert_eq(pl_redis_fetch(c.r, "q", 1, 0, 0, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert_eq(c.fetched, 5);
+    for (size_t i = 0; i < 5; i++) {
+        char d[16];
+        snprintf(d, sizeof(d), "m%zu", i);
+        cr_assert_str_eq(c.msgs[i].data, d);
+    }
+    /* Room again. */
+    cr_assert_eq(pl_redis_publish(c.r, "q", 1, NULL, 0, "x", 1, 0, NULL, NULL), 0);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+typedef struct chan_wait {
+    const srv *s;
+    long long want;
+} chan_wait;
+
+static bool channels_are(void *a)
+{
+    chan_wait *cw = a;
+    redisReply *rep = srv_cmd(cw->s, 0, "PUBSUB CHANNELS %s", "pushlet:c:*");
+    long long n = (long long)rep->elements;
+    freeReplyObject(rep);
+    return n == cw->want;
+}
+
+Test(redis, subscriptions_are_batched)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    long long subs0 = srv_calls(&s, "subscribe");
+
+    /* One loop turn: 300 topics, one of them twice, one added and removed again. */
+    for (int i = 0; i < 300; i++) {
+        char t[16];
+        int n = snprintf(t, sizeof(t), "b%d", i);
+        cr_assert_eq(pl_redis_subscribe(c.r, t, (size_t)n), 0);
+    }
+    pl_redis_subscribe(c.r, "b7", 2);
+    pl_redis_subscribe(c.r, "gone", 4);
+    pl_redis_unsubscribe(c.r, "gone", 4);
+    chan_wait cw = {&s, 300};
+    cr_assert(run_until(&loop, channels_are, &cw, 3000));
+    cr_assert_eq(srv_calls(&s, "subscribe") - subs0, 1, "one SUBSCRIBE for 300 channels");
+    pl_redis_stats st;
+    pl_redis_get_stats(c.r, &st);
+    cr_assert_eq(st.channels, 300);
+
+    /* Messages flow on a batch-subscribed channel. */
+    publish_n(&c, "b299", 0, 1);
+    want w = {&c, 1, 1};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_str_eq(c.msgs[0].topic, "b299");
+
+    for (int i = 0; i < 300; i++) {
+        char t[16];
+        int n = snprintf(t, sizeof(t), "b%d", i);
+        cr_assert_eq(pl_redis_unsubscribe(c.r, t, (size_t)n), 0);
+    }
+    cw.want = 0;
+    cr_assert(run_until(&loop, channels_are, &cw, 3000));
+    cr_assert_eq(srv_calls(&s, "unsubscribe"), 1, "one UNSUBSCRIBE for 300 channels");
+    run_for(&loop, 20);
+    pl_redis_get_stats(c.r, &st);
+    cr_assert_eq(st.channels, 0);
+    cr_assert_eq(st.subscribe_commands, 2); /* pushlet:all + the batch */
+    cr_assert_eq(st.unsubscribe_commands, 1);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+Test(redis, script_reloaded_after_flush)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    publish_n(&c, "s", 0, 1);
+    want w = {&c, 1, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    freeReplyObject(srv_cmd(&s, 0, "SCRIPT FLUSH"));
+    publish_n(&c, "s", 1, 4);
+    w = (want){&c, 4, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    for (size_t i = 0; i < 4; i++) {
+        cr_assert_eq(c.pubs[i].status, 0, "publish %zu failed", i);
+        cr_assert_eq(c.pubs[i].seq, i + 1);
+    }
+    pl_redis_stats st;
+    pl_redis_get_stats(c.r, &st);
+    cr_assert_eq(st.script_loads, 4);
+    cr_assert(st.resent >= 1);
+    cr_assert_eq(st.publish_errors, 0);
+
+    freeReplyObject(srv_cmd(&s, 0, "SCRIPT FLUSH"));
+    cr_assert_eq(pl_redis_fetch(c.r, "s", 1, 0, 0, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert_eq(c.fetch_status, 0);
+    cr_assert_eq(c.fetched, 4);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+Test(redis, unix_socket_and_age_bound)
+{
+    srv s;
+    srv_start(&s, NULL);
+    char addr[160];
+    snprintf(addr, sizeof(addr), "unix:%s", s.sock);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    o.history_age_ms = 200;
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    cr_assert(run_until(&loop, is_ready, &c, 3000), "%s", c.error);
+    publish_n(&c, "aged", 0, 3);
+    want w = {&c, 3, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_eq(pl_redis_fetch(c.r, "aged", 4, 0, 0, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert_eq(c.fetched, 3);
+    run_for(&loop, 300);
+    /* Past the age: the fetch returns nothing (last_seq tells the caller it is a gap). */
+    c.fetch_done = 0;
+    c.fetched = 0;
+    cr_assert_eq(pl_redis_fetch(c.r, "aged", 4, 0, 0, on_fetched, &c), 0);
+    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert_eq(c.fetched, 0);
+    cr_assert_eq(c.fetch_last, 3);
+    /* Old entries are trimmed on the next publish too. */
+    publish_n(&c, "aged", 3, 4);
+    w = (want){&c, 4, 0};
+    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert_eq(srv_int(&s, 0, "XLEN %s", "pushlet:h:{aged}"), 1);
+    cr_assert_eq(c.pubs[3].seq, 4);
+    ctx_close(&c);
+    loop_done(&loop);
+    srv_stop(&s);
+}
+
+/* A server that accepts (the kernel completes the handshake) but never answers: the attempt
+ * ends at connect_timeout_ms instead of hanging. */
+Test(redis, silent_server_times_out)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(fd, 16) == 0);
+    socklen_t len = sizeof(a);
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", ntohs(a.sin_port));
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    pl_redis_options o;
+    options(&o, addr);
+    o.connect_timeout_ms = 200;
+    ctx c;
+    ctx_open(&c, &loop, &o);
+    int64_t t0 = now_ms();
+    cr_assert(run_until(&loop, is_down, &c, 2000));
+    int64_t took = now_ms() - t0;
+    cr_assert(took >= 150 && took < 1000, "%lld ms", (long long)took);
+    cr_assert(strstr(c.error, "timed out") != NULL, "%s", c.error);
+    ctx_close(&c);
+    loop_done(&loop);
+    close(fd);
+}
