@@ -53,6 +53,8 @@
 
 struct options {
     const char *scenario, *target, *host, *sub_path, *pub_path, *prefix;
+    const char *pub_host; /* publishers' server; NULL = --host */
+    int pub_port;         /* 0 = --port */
     int port, subscribers, topics, publishers, pipeline, size;
     int max_connecting, spread;
     bool ws;          /* --transport ws */
@@ -246,6 +248,7 @@ struct bench {
     uv_loop_t *loop;
     uv_timer_t tick;
     struct sockaddr_in dst;
+    struct sockaddr_in pub_dst; /* = dst unless --pub-host / --pub-port */
     int phase;
     const char *end_reason;
 
@@ -1850,7 +1853,7 @@ static void pub_connect(struct pub *pb)
     int rc = req ? uv_tcp_init(B.loop, &pb->tcp) : UV_ENOMEM;
     if (!rc) {
         pb->tcp.data = pb;
-        rc = uv_tcp_connect(req, &pb->tcp, (const struct sockaddr *)&B.dst, pub_connect_cb);
+        rc = uv_tcp_connect(req, &pb->tcp, (const struct sockaddr *)&B.pub_dst, pub_connect_cb);
         if (rc)
             pub_close(pb, false);
     }
@@ -1869,7 +1872,7 @@ static int pub_send(struct pub *pb, uint32_t topic, const char *body, size_t ble
     int n = snprintf(head, sizeof head,
                      "POST %s%stopic=%s HTTP/1.1\r\nHost: %s:%d\r\n"
                      "Content-Type: text/plain\r\nContent-Length: %zu\r\n\r\n",
-                     B.o.pub_path, sep, t, B.o.host, B.o.port, blen);
+                     B.o.pub_path, sep, t, B.o.pub_host, B.o.pub_port, blen);
     if (n <= 0 || (size_t)n >= sizeof head)
         return UV_EINVAL;
     uint32_t slot = (pb->ring_head + pb->inflight) % (uint32_t)B.o.pipeline;
@@ -2219,6 +2222,9 @@ static void usage(FILE *f)
             "                         ready on its \"subscribed\" reply; or raw data\n"
             "                         frames (nchan), ready on 101 (pushlet)\n"
             "  --pub-path PATH        publish path, POST, ?topic=T appended (/publish)\n"
+            "  --pub-host ADDR, --pub-port N  publish to this server instead (another\n"
+            "                         node of a cluster; 127.0.0.0/8 only; default\n"
+            "                         --host / --port)\n"
             "  --topic-prefix S       topic names are S0..S<T-1> (bench)\n"
             "  --subscribers N        subscribers, at most %d (100)\n"
             "  --topics T             subscriber i listens on topic i %% T (1)\n"
@@ -2290,6 +2296,8 @@ enum {
     O_TARGET,
     O_TRANSPORT,
     O_WSPROTO,
+    O_PUBHOST,
+    O_PUBPORT,
     O_HELP
 };
 
@@ -2317,6 +2325,8 @@ static const struct option long_opts[] = {{"host", 1, 0, O_HOST},
                                           {"target", 1, 0, O_TARGET},
                                           {"transport", 1, 0, O_TRANSPORT},
                                           {"ws-protocol", 1, 0, O_WSPROTO},
+                                          {"pub-host", 1, 0, O_PUBHOST},
+                                          {"pub-port", 1, 0, O_PUBPORT},
                                           {"help", 0, 0, O_HELP},
                                           {0, 0, 0, 0}};
 
@@ -2340,6 +2350,8 @@ static bool apply_opt(struct options *o, int c, const char *v)
     case O_PORT: o->port = atoi(v); break;
     case O_SUB: o->sub_path = v; break;
     case O_PUB: o->pub_path = v; break;
+    case O_PUBHOST: o->pub_host = v; break;
+    case O_PUBPORT: o->pub_port = atoi(v); break;
     case O_PREFIX: o->prefix = v; break;
     case O_SUBS: o->subscribers = atoi(v); break;
     case O_TOPICS: o->topics = atoi(v); break;
@@ -2393,6 +2405,8 @@ static const char *validate(const struct options *o)
         return "--size must be 1..65535";
     if (o->max_connecting < 1 || o->port < 1 || o->port > 65535)
         return "bad --max-connecting or --port";
+    if (o->pub_port < 0 || o->pub_port > 65535)
+        return "bad --pub-port";
     if (o->timeout <= 0 || o->timeout > 3600 || o->stall_timeout <= 0)
         return "--timeout must be in (0, 3600] and --stall-timeout > 0";
     return NULL;
@@ -2419,6 +2433,10 @@ static int parse_args(int argc, char **argv, struct options *o)
     }
     if (o->spread < 0)
         o->spread = o->subscribers > 1000;
+    if (!o->pub_host)
+        o->pub_host = o->host;
+    if (o->pub_port == 0)
+        o->pub_port = o->port;
     return 0;
 }
 
@@ -2428,6 +2446,12 @@ static int resolve_target(void)
     if (uv_ip4_addr(B.o.host, B.o.port, &B.dst) != 0 ||
         (ntohl(B.dst.sin_addr.s_addr) >> 24) != 127) {
         fprintf(stderr, "pushlet-bench: --host must be an IPv4 address in "
+                        "127.0.0.0/8\n");
+        return -1;
+    }
+    if (uv_ip4_addr(B.o.pub_host, B.o.pub_port, &B.pub_dst) != 0 ||
+        (ntohl(B.pub_dst.sin_addr.s_addr) >> 24) != 127) {
+        fprintf(stderr, "pushlet-bench: --pub-host must be an IPv4 address in "
                         "127.0.0.0/8\n");
         return -1;
     }

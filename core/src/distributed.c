@@ -60,10 +60,11 @@ typedef struct pl_dist {
     shard shards[MAX_SHARDS];
     uint64_t epoch;                /* the cluster epoch last seen */
     size_t pending, pending_bytes; /* atomics: publishes accepted and not answered by Redis */
-    pl_link waits;                 /* every pl_sync_wait, oldest first (one timeout for all) */
-    pl_link publishes;             /* every pl_publish_wait (freed at close if unanswered) */
-    bool refetch_due;              /* some topic has refetch set: the tick looks */
-    bool abandon;                  /* stop no longer waits for Redis */
+    size_t max_pending, max_pending_bytes; /* atomics: their bound, set at start */
+    pl_link waits;     /* every pl_sync_wait, oldest first (one timeout for all) */
+    pl_link publishes; /* every pl_publish_wait (freed at close if unanswered) */
+    bool refetch_due;  /* some topic has refetch set: the tick looks */
+    bool abandon;      /* stop no longer waits for Redis */
 } pl_dist;
 
 /* A subscription waiting for its topic to catch up: an initial topic of a parked request, or
@@ -251,7 +252,8 @@ int pl_dist_reserve(pushlet_t *p, size_t bytes)
         return 0;
     size_t n = __atomic_add_fetch(&d->pending, 1, __ATOMIC_RELAXED);
     size_t b = __atomic_add_fetch(&d->pending_bytes, bytes, __ATOMIC_RELAXED);
-    if (n > (size_t)p->cfg.max_queued_messages || b > (size_t)p->cfg.max_queued_bytes) {
+    size_t max_n = __atomic_load_n(&d->max_pending, __ATOMIC_RELAXED); /* 0: never started */
+    if (max_n && (n > max_n || b > __atomic_load_n(&d->max_pending_bytes, __ATOMIC_RELAXED))) {
         __atomic_sub_fetch(&d->pending, 1, __ATOMIC_RELAXED);
         __atomic_sub_fetch(&d->pending_bytes, bytes, __ATOMIC_RELAXED);
         return PUSHLET_EFULL;
@@ -281,8 +283,9 @@ static void maybe_unfollow(pushlet_t *p, pl_topic *t)
 {
     if (t->sync == PL_SYNC_NONE || t->nsubs > 0 || t->holds > 0)
         return;
-    pl_dist *d = p->dist;
-    pl_redis_unsubscribe(shard_of(d, t->name, t->name_len)->r, t->name, t->name_len);
+    shard *s = shard_of(p->dist, t->name, t->name_len);
+    if (s->r)
+        pl_redis_unsubscribe(s->r, t->name, t->name_len);
     t->sync = PL_SYNC_NONE;
     t->refetch = false;
 }
@@ -557,7 +560,10 @@ int pl_dist_start(pushlet_t *p)
     pl_list_init(&d->waits);
     pl_list_init(&d->publishes);
     d->abandon = d->refetch_due = false;
-    d->pending = d->pending_bytes = 0;
+    __atomic_store_n(&d->pending, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&d->pending_bytes, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&d->max_pending, (size_t)p->cfg.max_queued_messages, __ATOMIC_RELAXED);
+    __atomic_store_n(&d->max_pending_bytes, (size_t)p->cfg.max_queued_bytes, __ATOMIC_RELAXED);
     __atomic_store_n(&p->stats[PUSHLET_STAT_REDIS_PENDING], 0, __ATOMIC_RELAXED);
     p->topics.on_empty = pl_dist_topic_empty;
     for (uint32_t i = 0; i < d->nshards; i++) {
