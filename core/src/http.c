@@ -288,17 +288,6 @@ void pl_query_init(pl_query_iter *it, const char *query, size_t len)
     it->end = query + len;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static int decode(const char *s, size_t n, char *out, size_t cap, size_t *out_len)
 {
     size_t o = 0;
@@ -309,7 +298,7 @@ static int decode(const char *s, size_t n, char *out, size_t cap, size_t *out_le
         } else if (c == '%') {
             if (i + 2 >= n)
                 return -1;
-            int a = hexval(s[i + 1]), b = hexval(s[i + 2]);
+            int a = pl_hexval(s[i + 1]), b = pl_hexval(s[i + 2]);
             if (a < 0 || b < 0)
                 return -1;
             c = (char)(a * 16 + b);

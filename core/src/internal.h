@@ -23,6 +23,18 @@ typedef struct pl_link {
     struct pl_link *prev, *next;
 } pl_link;
 
+/* The value of a hex digit, or -1. */
+static inline int pl_hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 static inline void pl_list_init(pl_link *head) { head->prev = head->next = head; }
 static inline void pl_list_push(pl_link *head, pl_link *node)
 {

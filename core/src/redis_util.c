@@ -5,17 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Percent-decodes s[0..len) into out (cap bytes with the NUL). */
 static int decode_into(char *out, size_t cap, const char *s, size_t len)
 {
@@ -25,7 +14,7 @@ static int decode_into(char *out, size_t cap, const char *s, size_t len)
         if (c == '%') {
             if (i + 2 >= len)
                 return PUSHLET_EINVAL;
-            int hi = hexval(s[i + 1]), lo = hexval(s[i + 2]);
+            int hi = pl_hexval(s[i + 1]), lo = pl_hexval(s[i + 2]);
             if (hi < 0 || lo < 0)
                 return PUSHLET_EINVAL;
             c = (char)(hi * 16 + lo);
