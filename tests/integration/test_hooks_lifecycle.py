@@ -189,6 +189,10 @@ def test_state_agrees_with_events(hook_host, mode):
         ws.handshake_done([f"solo/ws{i}"])
         ws.send_cmd("subscribe", f"solo/cmd{i}")
         assert ws.recv_json() == pl.subscribed(f"solo/cmd{i}")
+        # A queue host reads its events later: let it see these SUBSCRIBED events before the
+        # state moves on, or it would rightly find the newer state.
+        mine = {f"solo/sse{i}", f"solo/ws{i}", f"solo/cmd{i}"}
+        h.wait(lambda: mine <= {e["topic"] for e in h.of("subscribed")}, 10)
         ws.send_cmd("unsubscribe", f"solo/cmd{i}")
         assert ws.recv_json() == {"event": "unsubscribed", "topic": f"solo/cmd{i}"}
         ws.close()
