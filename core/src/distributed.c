@@ -88,6 +88,7 @@ typedef struct pl_publish_wait {
 
 typedef struct fetch_ctx {
     pushlet_t *p;
+    uint64_t epoch; /* the topic's epoch when asked: an answer about another one is stale */
     uint16_t len;
     char name[];
 } fetch_ctx;
@@ -389,6 +390,7 @@ static void on_fetched(pl_redis *r, int status, uint64_t epoch, uint64_t last_se
     fetch_ctx *f = ud;
     pushlet_t *p = f->p;
     pl_topic *t = pl_topics_find(&p->topics, f->name, f->len);
+    uint64_t asked_epoch = f->epoch;
     free(f);
     if (!t)
         return;
@@ -402,7 +404,9 @@ static void on_fetched(pl_redis *r, int status, uint64_t epoch, uint64_t last_se
     }
     t->holds++; /* the fan-out below must not free it */
     bool again = false;
-    if (epoch != 0 && epoch != t->epoch) {
+    if (asked_epoch != t->epoch) {
+        again = true; /* a record restarted the topic meanwhile: ask from its new position */
+    } else if (epoch != 0 && epoch != t->epoch) {
         again = t->seq != 0 || t->kept != 0; /* its positions are void: from the start again */
         restart_epoch(p, t, epoch);
     }
@@ -441,6 +445,7 @@ static void fetch(pushlet_t *p, pl_topic *t)
     int rc = f ? 0 : PUSHLET_ENOMEM;
     if (f) {
         f->p = p;
+        f->epoch = t->epoch;
         f->len = t->name_len;
         memcpy(f->name, t->name, t->name_len + 1);
         rc = pl_redis_fetch(s->r, t->name, t->name_len, t->seq, FETCH_MAX, on_fetched, f);

@@ -176,14 +176,15 @@ static void srv_spawn(srv *s)
     cr_assert_fail("redis-server did not start on port %d", s->port);
 }
 
-static void srv_start(srv *s, const char *password)
+/* A new server on `port`, requiring `password` unless NULL. */
+static void srv_start(srv *s, const char *password, int port)
 {
     memset(s, 0, sizeof(*s));
     snprintf(s->dir, sizeof(s->dir), "/tmp/pl-redis-test-XXXXXX");
     cr_assert(mkdtemp(s->dir) != NULL);
     snprintf(s->sock, sizeof(s->sock), "%s/redis.sock", s->dir);
     s->password = password;
-    s->port = free_port();
+    s->port = port;
     srv_spawn(s);
 }
 
@@ -425,15 +426,112 @@ static bool got(void *a)
     return w->c->npubs >= w->pubs && w->c->nmsgs >= w->msgs;
 }
 
+/* Runs the loop until c has `pubs` publish results and `msgs` messages, or the timeout. */
+static bool got_within(ctx *c, size_t pubs, size_t msgs, int timeout_ms)
+{
+    want w = {c, pubs, msgs};
+    return run_until(c->loop, got, &w, timeout_ms);
+}
+
+/* The data of publish_n()'s i-th message ("m<i>"); valid until the next call. */
+static const char *nth_data(size_t i)
+{
+    static char data[32];
+    snprintf(data, sizeof(data), "m%zu", i);
+    return data;
+}
+
 static void publish_n(ctx *c, const char *topic, int from, int to)
 {
     for (int i = from; i < to; i++) {
-        char data[32];
-        int n = snprintf(data, sizeof(data), "m%d", i);
-        cr_assert_eq(pl_redis_publish(c->r, topic, strlen(topic), "upd", 3, data, (size_t)n, 0,
+        const char *data = nth_data((size_t)i);
+        cr_assert_eq(pl_redis_publish(c->r, topic, strlen(topic), "upd", 3, data, strlen(data), 0,
                                       on_published, c),
                      0);
     }
+}
+
+/* Fetches `topic` after `after_seq` (at most `max`, 0: the client's cap) and runs the loop until
+ * the answer: fetch_* and fetched then describe this fetch alone. */
+static bool run_fetch(ctx *c, const char *topic, uint64_t after_seq, uint32_t max)
+{
+    c->fetch_done = 0;
+    c->fetched = 0;
+    cr_assert_eq(pl_redis_fetch(c->r, topic, strlen(topic), after_seq, max, on_fetched, c), 0);
+    return run_until(c->loop, fetch_done, c, 3000);
+}
+
+static void wait_ready(ctx *c)
+{
+    cr_assert(run_until(c->loop, is_ready, c, 3000), "not ready: %s", c->error);
+}
+
+/* ---- One test's setup: a server, a loop, the options its clients open with -------------------
+ */
+
+typedef struct fixture {
+    srv s; /* none when s.dir is "" */
+    uv_loop_t loop;
+    char addr[160];
+    pl_redis_options o; /* what the next client_open() uses */
+    ctx *clients[2];    /* what fixture_end() closes */
+} fixture;
+
+/* Points the options at an address (printf-style) and sets every other option back to the
+ * test defaults of options(). */
+__attribute__((format(printf, 2, 3))) static void set_address(fixture *f, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(f->addr, sizeof(f->addr), fmt, ap);
+    va_end(ap);
+    options(&f->o, f->addr);
+}
+
+/* A loop, no server and no address yet. */
+static void fixture_init(fixture *f)
+{
+    memset(f, 0, sizeof(*f));
+    cr_assert_eq(uv_loop_init(&f->loop), 0);
+}
+
+/* A loop and a redis-server on a free port (requiring `password` unless NULL); the options
+ * point at it over TCP. */
+static void fixture_start(fixture *f, const char *password)
+{
+    fixture_init(f);
+    srv_start(&f->s, password, free_port());
+    set_address(f, "127.0.0.1:%d", f->s.port);
+}
+
+/* Opens c with the fixture's options; fixture_end() closes it. */
+static void client_open(fixture *f, ctx *c)
+{
+    const size_t max = sizeof(f->clients) / sizeof(f->clients[0]);
+    size_t i = 0;
+    while (i < max && f->clients[i] != NULL && f->clients[i] != c)
+        i++;
+    cr_assert(i < max, "more clients than fixture_end() closes");
+    f->clients[i] = c;
+    ctx_open(c, &f->loop, &f->o);
+}
+
+static void client_ready(fixture *f, ctx *c)
+{
+    client_open(f, c);
+    wait_ready(c);
+}
+
+/* Closes every client (again is fine), checks that nothing is left on the loop, ends the
+ * server. */
+static void fixture_end(fixture *f)
+{
+    for (size_t i = 0; i < sizeof(f->clients) / sizeof(f->clients[0]); i++)
+        if (f->clients[i] != NULL)
+            ctx_close(f->clients[i]);
+    loop_done(&f->loop);
+    if (f->s.dir[0] != '\0')
+        srv_stop(&f->s);
 }
 
 /* Every test is bounded in time: SIGALRM ends a stuck worker, which Criterion reports as a
@@ -441,7 +539,6 @@ static void publish_n(ctx *c, const char *topic, int from, int to)
  * LeakSanitizer reports and ctest then fails on.) */
 static void bound_time(void) { alarm(30); }
 
-static void srv_stop(srv *s);
 static void cleanup_servers(void)
 {
     for (int i = 0; i < 4; i++)
@@ -519,19 +616,13 @@ Test(redis, helpers)
 
 Test(redis, publish_and_receive)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_start(&f, NULL);
     ctx c;
-    ctx_open(&c, &loop, &o);
+    client_open(&f, &c);
     cr_assert_eq(pl_redis_subscribe(c.r, "news", 4), 0);
     cr_assert_eq(pl_redis_subscribe(c.r, "bad topic", 9), PUSHLET_EINVAL);
-    cr_assert(run_until(&loop, is_ready, &c, 3000), "not ready: %s", c.error);
+    wait_ready(&c);
 
     int64_t t0 = now_ms();
     publish_n(&c, "news", 0, 19);
@@ -539,8 +630,7 @@ Test(redis, publish_and_receive)
         pl_redis_publish(c.r, "news", 4, NULL, 0, "line1\nli\0ne2", 12, 1234, on_published, &c), 0);
     cr_assert_eq(pl_redis_publish(c.r, "news", 4, "bad event", 9, "x", 1, 0, NULL, NULL),
                  PUSHLET_EINVAL);
-    want w = {&c, 20, 20};
-    cr_assert(run_until(&loop, got, &w, 3000), "pubs %zu msgs %zu", c.npubs, c.nmsgs);
+    cr_assert(got_within(&c, 20, 20, 3000), "pubs %zu msgs %zu", c.npubs, c.nmsgs);
     note("20 publishes round trip: %lld ms", (long long)(now_ms() - t0));
     uint64_t epoch = c.pubs[0].epoch;
     cr_assert_neq(epoch, 0);
@@ -566,123 +656,88 @@ Test(redis, publish_and_receive)
 
     /* Publish-to-all: no history, no ID. */
     cr_assert_eq(pl_redis_publish_all(c.r, "bye", 3, "all", 3, 0, on_published, &c), 0);
-    w = (want){&c, 21, 21};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert(got_within(&c, 21, 21, 3000));
     cr_assert_eq(c.pubs[20].status, 0);
     cr_assert_str_eq(c.pubs[20].id, "");
     cr_assert_str_eq(c.msgs[20].topic, "");
     cr_assert_str_eq(c.msgs[20].data, "all");
 
     /* History after seq 15: 16..20. */
-    cr_assert_eq(pl_redis_fetch(c.r, "news", 4, 15, 0, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert(run_fetch(&c, "news", 15, 0));
     cr_assert_eq(c.fetch_status, 0);
     cr_assert_eq(c.fetch_epoch, epoch);
     cr_assert_eq(c.fetch_last, 20);
     cr_assert_eq(c.fetched, 5);
     cr_assert_eq(c.nmsgs, 21); /* all were already kept from pub/sub: the same IDs */
     /* A topic never published: same epoch, nothing kept. */
-    c.fetch_done = 0;
-    cr_assert_eq(pl_redis_fetch(c.r, "quiet", 5, 0, 0, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert(run_fetch(&c, "quiet", 0, 0));
     cr_assert(c.fetch_status == 0 && c.fetch_epoch == epoch && c.fetch_last == 0);
-    cr_assert_eq(srv_int(&s, 0, "XLEN %s", "pushlet:h:{news}"), 20);
+    cr_assert_eq(srv_int(&f.s, 0, "XLEN %s", "pushlet:h:{news}"), 20);
 
     pl_redis_stats st;
     pl_redis_get_stats(c.r, &st);
     cr_assert_eq(st.published, 21);
     cr_assert_eq(st.messages_in, 21);
     cr_assert_eq(st.decode_errors, 0);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 /* A fetch that returns records into a fresh context (no pub/sub copies). */
 Test(redis, history_fetch_bounds)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
-    o.history_size = 5000;
+    fixture f;
+    fixture_start(&f, NULL);
+    f.o.history_size = 5000;
     ctx c;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_ready, &c, 3000), "%s", c.error);
+    client_ready(&f, &c);
     publish_n(&c, "h", 0, 50);
-    want w = {&c, 50, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    cr_assert_eq(pl_redis_fetch(c.r, "h", 1, 10, 7, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert(got_within(&c, 50, 0, 3000));
+    cr_assert(run_fetch(&c, "h", 10, 7));
     cr_assert_eq(c.fetched, 7);
     for (size_t i = 0; i < 7; i++) {
         cr_assert_eq(c.msgs[i].seq, 11 + i);
-        char d[16];
-        snprintf(d, sizeof(d), "m%zu", 10 + i);
-        cr_assert_str_eq(c.msgs[i].data, d);
+        cr_assert_str_eq(c.msgs[i].data, nth_data(10 + i));
         cr_assert_str_eq(c.msgs[i].topic, "h");
     }
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 Test(redis, password_and_db)
 {
-    srv s;
-    srv_start(&s, "s3cret");
-    char addr[96];
-    snprintf(addr, sizeof(addr), "redis://:s3cret@127.0.0.1:%d/3", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_start(&f, "s3cret");
+    set_address(&f, "redis://:s3cret@127.0.0.1:%d/3", f.s.port);
     ctx c;
-    ctx_open(&c, &loop, &o);
+    client_open(&f, &c);
     cr_assert_eq(pl_redis_subscribe(c.r, "t", 1), 0);
-    cr_assert(run_until(&loop, is_ready, &c, 3000), "not ready: %s", c.error);
+    wait_ready(&c);
     publish_n(&c, "t", 0, 1);
-    want w = {&c, 1, 1};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert(got_within(&c, 1, 1, 3000));
     cr_assert_eq(c.pubs[0].status, 0);
-    cr_assert_eq(srv_int(&s, 3, "XLEN %s", "pushlet:h:{t}"), 1);
-    cr_assert_eq(srv_int(&s, 0, "EXISTS %s", "pushlet:h:{t}"), 0);
+    cr_assert_eq(srv_int(&f.s, 3, "XLEN %s", "pushlet:h:{t}"), 1);
+    cr_assert_eq(srv_int(&f.s, 0, "EXISTS %s", "pushlet:h:{t}"), 0);
     ctx_close(&c);
 
     /* Password and db as options instead. */
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    options(&o, addr);
-    o.password = "s3cret";
-    o.db = 2;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_ready, &c, 3000), "not ready: %s", c.error);
+    set_address(&f, "127.0.0.1:%d", f.s.port);
+    f.o.password = "s3cret";
+    f.o.db = 2;
+    client_ready(&f, &c);
     publish_n(&c, "t", 0, 1);
-    w = (want){&c, 1, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    cr_assert_eq(srv_int(&s, 2, "XLEN %s", "pushlet:h:{t}"), 1);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    cr_assert(got_within(&c, 1, 0, 3000));
+    cr_assert_eq(srv_int(&f.s, 2, "XLEN %s", "pushlet:h:{t}"), 1);
+    fixture_end(&f);
 }
 
 Test(redis, wrong_password)
 {
-    srv s;
-    srv_start(&s, "s3cret");
-    char addr[96];
-    snprintf(addr, sizeof(addr), "redis://:nope@127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_start(&f, "s3cret");
+    set_address(&f, "redis://:nope@127.0.0.1:%d", f.s.port);
     ctx c;
-    ctx_open(&c, &loop, &o);
+    client_open(&f, &c);
     int64_t t0 = now_ms();
-    cr_assert(run_until(&loop, is_down, &c, 2000), "no error reported");
+    cr_assert(run_until(&f.loop, is_down, &c, 2000), "no error reported");
     int64_t took = now_ms() - t0;
     note("wrong password reported in %lld ms: %s", (long long)took, c.error);
     cr_assert(strstr(c.error, "redis: authentication failed") != NULL, "%s", c.error);
@@ -693,108 +748,91 @@ Test(redis, wrong_password)
     publish_n(&c, "t", 0, 3);
     cr_assert_eq(pl_redis_pending(c.r), 3);
     cr_assert_eq(pl_redis_fetch(c.r, "t", 1, 0, 0, on_fetched, &c), PUSHLET_ESTOPPED);
-    run_for(&loop, 150);
+    run_for(&f.loop, 150);
     cr_assert(c.downs >= 2, "retries: %d", c.downs);
     cr_assert_eq(c.npubs, 0);
     ctx_close(&c);
 
     /* No password at all against a server that wants one. */
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    options(&o, addr);
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 2000));
+    set_address(&f, "127.0.0.1:%d", f.s.port);
+    client_open(&f, &c);
+    cr_assert(run_until(&f.loop, is_down, &c, 2000));
     cr_assert(strstr(c.error, "NOAUTH") != NULL, "%s", c.error);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 Test(redis, connection_refused)
 {
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", free_port());
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_init(&f);
+    set_address(&f, "127.0.0.1:%d", free_port());
     ctx c;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 2000));
+    client_open(&f, &c);
+    cr_assert(run_until(&f.loop, is_down, &c, 2000));
     cr_assert(strstr(c.error, "refused") != NULL, "%s", c.error);
-    run_for(&loop, 300);
+    run_for(&f.loop, 300);
     cr_assert(c.downs >= 3, "retried %d times", c.downs);
     cr_assert_eq(c.readys, 0);
     ctx_close(&c);
 
-    /* A unix socket that does not exist fails at once (before any adapter). */
-    options(&o, "unix:/tmp/pl-redis-test-missing/redis.sock");
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 2000));
-    cr_assert(strstr(c.error, "cannot connect") != NULL, "%s", c.error);
-    ctx_close(&c);
-
-    /* A name that needs resolving, and one that does not resolve. */
-    snprintf(addr, sizeof(addr), "localhost:%d", free_port());
-    options(&o, addr);
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 3000));
-    cr_assert(strstr(c.error, "refused") != NULL, "%s", c.error);
-    ctx_close(&c);
-    options(&o, "no-such-host.invalid:6379");
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 5000));
-    cr_assert(strstr(c.error, "cannot resolve") != NULL, "%s", c.error);
-    ctx_close(&c);
-    loop_done(&loop);
+    /* A unix socket that does not exist fails at once (before any adapter); a name that needs
+     * resolving, and one that does not resolve. */
+    char local[32];
+    snprintf(local, sizeof(local), "localhost:%d", free_port());
+    const struct {
+        const char *addr, *error;
+        int timeout_ms;
+    } down[] = {{"unix:/tmp/pl-redis-test-missing/redis.sock", "cannot connect", 2000},
+                {local, "refused", 3000},
+                {"no-such-host.invalid:6379", "cannot resolve", 5000}};
+    for (size_t i = 0; i < sizeof(down) / sizeof(down[0]); i++) {
+        set_address(&f, "%s", down[i].addr);
+        client_open(&f, &c);
+        cr_assert(run_until(&f.loop, is_down, &c, down[i].timeout_ms), "%s", down[i].addr);
+        cr_assert(strstr(c.error, down[i].error) != NULL, "%s: %s", down[i].addr, c.error);
+        ctx_close(&c);
+    }
+    fixture_end(&f);
 }
 
 /* TOOLCHAIN.md: a context that never finished connecting is freed without onDisconnect; the
  * client must not keep a pointer to it (this double-freed with a naive adapter). */
 Test(redis, create_and_free)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_start(&f, NULL);
     ctx c;
     for (int i = 0; i < 20; i++) {
-        ctx_open(&c, &loop, &o);
+        client_open(&f, &c);
         ctx_close(&c); /* before the loop ever ran */
     }
-    uv_run(&loop, UV_RUN_NOWAIT);
+    uv_run(&f.loop, UV_RUN_NOWAIT);
     for (int i = 0; i < 20; i++) {
-        ctx_open(&c, &loop, &o);
-        uv_run(&loop, UV_RUN_NOWAIT); /* connect in progress */
+        client_open(&f, &c);
+        uv_run(&f.loop, UV_RUN_NOWAIT); /* connect in progress */
         ctx_close(&c);
     }
-    uv_run(&loop, UV_RUN_NOWAIT);
+    uv_run(&f.loop, UV_RUN_NOWAIT);
     /* Freed with publishes in flight and subscriptions: no callback after free. */
-    ctx_open(&c, &loop, &o);
+    client_open(&f, &c);
     pl_redis_subscribe(c.r, "x", 1);
-    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    wait_ready(&c);
     publish_n(&c, "x", 0, 10);
     ctx_close(&c);
-    run_for(&loop, 50);
+    run_for(&f.loop, 50);
     cr_assert_eq(c.npubs, 0);
     /* Freed from inside its own state callback. */
-    ctx_open(&c, &loop, &o);
+    client_open(&f, &c);
     c.free_on_ready = true;
-    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    wait_ready(&c);
     cr_assert(c.r == NULL);
     /* Against a refused port, freed while connecting and while down. */
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", free_port());
-    options(&o, addr);
-    ctx_open(&c, &loop, &o);
+    set_address(&f, "127.0.0.1:%d", free_port());
+    client_open(&f, &c);
     ctx_close(&c);
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 2000));
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    client_open(&f, &c);
+    cr_assert(run_until(&f.loop, is_down, &c, 2000));
+    fixture_end(&f);
 }
 
 typedef struct seen_wait {
@@ -823,49 +861,40 @@ static bool both_state(void *arg)
  * the subscriber resubscribes and resyncs, publishes made during the outage go out in order. */
 Test(redis, kill_and_restart)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
-    o.backoff_min_ms = 50;
-    o.backoff_max_ms = 200;
+    fixture f;
+    fixture_start(&f, NULL);
+    f.o.backoff_min_ms = 50;
+    f.o.backoff_max_ms = 200;
     ctx sub, pub;
-    ctx_open(&sub, &loop, &o);
-    ctx_open(&pub, &loop, &o);
+    client_open(&f, &sub);
+    client_open(&f, &pub);
     sub.auto_fetch = true;
     snprintf(sub.topic, sizeof(sub.topic), "feed");
     cr_assert_eq(pl_redis_subscribe(sub.r, "feed", 4), 0);
     pair p = {&sub, &pub, PL_REDIS_READY};
-    cr_assert(run_until(&loop, both_state, &p, 3000));
+    cr_assert(run_until(&f.loop, both_state, &p, 3000));
 
     publish_n(&pub, "feed", 0, 10);
-    want w = {&pub, 10, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    w = (want){&sub, 0, 10};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert(got_within(&pub, 10, 0, 3000));
+    cr_assert(got_within(&sub, 0, 10, 3000));
     uint64_t old_epoch = pub.pubs[0].epoch;
     sub.known_epoch = old_epoch;
 
     /* Some publishes in flight at the kill, then more while it is down. */
     publish_n(&pub, "feed", 10, 15);
-    srv_kill(&s);
+    srv_kill(&f.s);
     p.state = PL_REDIS_DOWN;
-    cr_assert(run_until(&loop, both_state, &p, 3000));
+    cr_assert(run_until(&f.loop, both_state, &p, 3000));
     publish_n(&pub, "feed", 15, 25);
     cr_assert(pl_redis_pending(pub.r) >= 10);
-    run_for(&loop, 300); /* a few failed retries */
-    srv_spawn(&s);
+    run_for(&f.loop, 300); /* a few failed retries */
+    srv_spawn(&f.s);
     int64_t t0 = now_ms();
     p.state = PL_REDIS_READY;
-    cr_assert(run_until(&loop, both_state, &p, 5000), "no reconnect: %s / %s", sub.error,
+    cr_assert(run_until(&f.loop, both_state, &p, 5000), "no reconnect: %s / %s", sub.error,
               pub.error);
     note("reconnected %lld ms after restart", (long long)(now_ms() - t0));
-    w = (want){&pub, 25, 0};
-    cr_assert(run_until(&loop, got, &w, 5000), "publishes answered: %zu", pub.npubs);
+    cr_assert(got_within(&pub, 25, 0, 5000), "publishes answered: %zu", pub.npubs);
     cr_assert_eq(pl_redis_pending(pub.r), 0);
 
     /* Every queued publish succeeded, in call order, in the new lineage. */
@@ -885,7 +914,7 @@ Test(redis, kill_and_restart)
     uint64_t n_new = pub.pubs[24].seq;
     cr_assert_eq(sub.resyncs, 1);
     seen_wait sw = {&sub, new_epoch, n_new};
-    cr_assert(run_until(&loop, seen_all, &sw, 3000), "sub has %llu of %llu",
+    cr_assert(run_until(&f.loop, seen_all, &sw, 3000), "sub has %llu of %llu",
               (unsigned long long)last_seq_seen(&sub, new_epoch), (unsigned long long)n_new);
     uint64_t expect = 1;
     for (size_t i = 0; i < sub.nmsgs; i++) {
@@ -893,9 +922,7 @@ Test(redis, kill_and_restart)
             continue;
         cr_assert_eq(sub.msgs[i].seq, expect, "got seq %llu, expected %llu",
                      (unsigned long long)sub.msgs[i].seq, (unsigned long long)expect);
-        char d[16];
-        snprintf(d, sizeof(d), "m%zu", first_new + (size_t)(expect - 1));
-        cr_assert_str_eq(sub.msgs[i].data, d);
+        cr_assert_str_eq(sub.msgs[i].data, nth_data(first_new + (size_t)(expect - 1)));
         expect++;
     }
     cr_assert_eq(expect, n_new + 1);
@@ -903,55 +930,44 @@ Test(redis, kill_and_restart)
     pl_redis_get_stats(sub.r, &st);
     cr_assert(st.connects == 2 && st.disconnects == 1);
     note("subscriber: %zu live+fetched, %zu via fetch", sub.nmsgs, sub.fetched);
-    ctx_close(&sub);
-    ctx_close(&pub);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 /* The subscriber alone is cut off (its connections killed) while the publisher goes on: it
  * resyncs and fetches exactly what it missed, same epoch. */
 Test(redis, cut_off_subscriber_fetches_missed)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_start(&f, NULL);
     ctx sub, pub;
-    o.backoff_min_ms = 400; /* the subscriber stays away a while */
-    o.backoff_max_ms = 400;
-    ctx_open(&sub, &loop, &o);
-    options(&o, addr);
-    ctx_open(&pub, &loop, &o);
+    f.o.backoff_min_ms = 400; /* the subscriber stays away a while */
+    f.o.backoff_max_ms = 400;
+    client_open(&f, &sub);
+    options(&f.o, f.addr);
+    client_open(&f, &pub);
     sub.auto_fetch = true;
     snprintf(sub.topic, sizeof(sub.topic), "feed");
     pl_redis_subscribe(sub.r, "feed", 4);
     pair p = {&sub, &pub, PL_REDIS_READY};
-    cr_assert(run_until(&loop, both_state, &p, 3000));
+    cr_assert(run_until(&f.loop, both_state, &p, 3000));
     publish_n(&pub, "feed", 0, 5);
-    want w = {&sub, 0, 5};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert(got_within(&sub, 0, 5, 3000));
     uint64_t epoch = pub.pubs[0].epoch;
     sub.known_epoch = epoch;
 
     /* Kill every pub/sub connection: both clients drop, the publisher is back first. */
-    freeReplyObject(srv_cmd(&s, 0, "CLIENT KILL TYPE pubsub"));
-    cr_assert(run_until(&loop, is_down, &sub, 2000));
-    cr_assert(run_until(&loop, is_ready, &pub, 2000));
+    freeReplyObject(srv_cmd(&f.s, 0, "CLIENT KILL TYPE pubsub"));
+    cr_assert(run_until(&f.loop, is_down, &sub, 2000));
+    cr_assert(run_until(&f.loop, is_ready, &pub, 2000));
     cr_assert(sub.state != PL_REDIS_READY);
     publish_n(&pub, "feed", 5, 12);
-    w = (want){&pub, 12, 0};
-    cr_assert(run_until(&loop, got, &w, 2000));
+    cr_assert(got_within(&pub, 12, 0, 2000));
     cr_assert(sub.state != PL_REDIS_READY, "the subscriber came back too early");
     size_t live_before = sub.nmsgs;
     cr_assert_eq(live_before, 5);
 
     seen_wait sw = {&sub, epoch, 12};
-    cr_assert(run_until(&loop, seen_all, &sw, 5000),
+    cr_assert(run_until(&f.loop, seen_all, &sw, 5000),
               "state %d resyncs %d fetches %d status %d fetched %zu msgs %zu err %s", sub.state,
               sub.resyncs, sub.fetch_done, sub.fetch_status, sub.fetched, sub.nmsgs, sub.error);
     cr_assert_eq(sub.resyncs, 1);
@@ -963,37 +979,29 @@ Test(redis, cut_off_subscriber_fetches_missed)
     cr_assert_eq(sub.nmsgs, 12);
     /* And live again afterwards. */
     publish_n(&pub, "feed", 12, 13);
-    w = (want){&sub, 0, 13};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    ctx_close(&sub);
-    ctx_close(&pub);
-    loop_done(&loop);
-    srv_stop(&s);
+    cr_assert(got_within(&sub, 0, 13, 3000));
+    fixture_end(&f);
 }
 
 Test(redis, queue_bound)
 {
     int port = free_port();
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
-    o.queue_max_count = 5;
+    fixture f;
+    fixture_init(&f);
+    set_address(&f, "127.0.0.1:%d", port);
+    f.o.queue_max_count = 5;
     ctx c;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_down, &c, 2000));
+    client_open(&f, &c);
+    cr_assert(run_until(&f.loop, is_down, &c, 2000));
     publish_n(&c, "q", 0, 5);
     cr_assert_eq(pl_redis_publish(c.r, "q", 1, NULL, 0, "x", 1, 0, on_published, &c),
                  PUSHLET_EFULL);
     cr_assert_eq(pl_redis_pending(c.r), 5);
 
-    pl_redis_options ob;
-    options(&ob, addr);
-    ob.queue_max_bytes = 700;
+    options(&f.o, f.addr);
+    f.o.queue_max_bytes = 700;
     ctx b;
-    ctx_open(&b, &loop, &ob);
+    client_open(&f, &b);
     char big[300];
     memset(big, 'b', sizeof(big));
     cr_assert_eq(pl_redis_publish(b.r, "q", 1, NULL, 0, big, sizeof(big), 0, NULL, NULL), 0);
@@ -1002,34 +1010,21 @@ Test(redis, queue_bound)
     ctx_close(&b);
 
     /* Redis appears: the queue goes out in order. */
-    srv s;
-    memset(&s, 0, sizeof(s));
-    snprintf(s.dir, sizeof(s.dir), "/tmp/pl-redis-test-XXXXXX");
-    cr_assert(mkdtemp(s.dir) != NULL);
-    snprintf(s.sock, sizeof(s.sock), "%s/redis.sock", s.dir);
-    s.port = port;
-    srv_spawn(&s);
-    want w = {&c, 5, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    srv_start(&f.s, NULL, port);
+    cr_assert(got_within(&c, 5, 0, 3000));
     for (size_t i = 0; i < 5; i++) {
         cr_assert_eq(c.pubs[i].status, 0);
         cr_assert_eq(c.pubs[i].seq, i + 1);
     }
     /* Publishes go out once the command connection is up; fetches need READY. */
-    cr_assert(run_until(&loop, is_ready, &c, 3000));
-    cr_assert_eq(pl_redis_fetch(c.r, "q", 1, 0, 0, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    wait_ready(&c);
+    cr_assert(run_fetch(&c, "q", 0, 0));
     cr_assert_eq(c.fetched, 5);
-    for (size_t i = 0; i < 5; i++) {
-        char d[16];
-        snprintf(d, sizeof(d), "m%zu", i);
-        cr_assert_str_eq(c.msgs[i].data, d);
-    }
+    for (size_t i = 0; i < 5; i++)
+        cr_assert_str_eq(c.msgs[i].data, nth_data(i));
     /* Room again. */
     cr_assert_eq(pl_redis_publish(c.r, "q", 1, NULL, 0, "x", 1, 0, NULL, NULL), 0);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 typedef struct chan_wait {
@@ -1046,81 +1041,64 @@ static bool channels_are(void *a)
     return n == cw->want;
 }
 
-Test(redis, subscriptions_are_batched)
+/* Subscribes (or unsubscribes) b0..b299, all in one loop turn. */
+static void each_b_topic(ctx *c, int (*op)(pl_redis *r, const char *topic, size_t len))
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
-    ctx c;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_ready, &c, 3000));
-    long long subs0 = srv_calls(&s, "subscribe");
-
-    /* One loop turn: 300 topics, one of them twice, one added and removed again. */
     for (int i = 0; i < 300; i++) {
         char t[16];
         int n = snprintf(t, sizeof(t), "b%d", i);
-        cr_assert_eq(pl_redis_subscribe(c.r, t, (size_t)n), 0);
+        cr_assert_eq(op(c->r, t, (size_t)n), 0);
     }
+}
+
+Test(redis, subscriptions_are_batched)
+{
+    fixture f;
+    fixture_start(&f, NULL);
+    ctx c;
+    client_ready(&f, &c);
+    long long subs0 = srv_calls(&f.s, "subscribe");
+
+    /* One loop turn: 300 topics, one of them twice, one added and removed again. */
+    each_b_topic(&c, pl_redis_subscribe);
     pl_redis_subscribe(c.r, "b7", 2);
     pl_redis_subscribe(c.r, "gone", 4);
     pl_redis_unsubscribe(c.r, "gone", 4);
-    chan_wait cw = {&s, 300};
-    cr_assert(run_until(&loop, channels_are, &cw, 3000));
-    cr_assert_eq(srv_calls(&s, "subscribe") - subs0, 1, "one SUBSCRIBE for 300 channels");
+    chan_wait cw = {&f.s, 300};
+    cr_assert(run_until(&f.loop, channels_are, &cw, 3000));
+    cr_assert_eq(srv_calls(&f.s, "subscribe") - subs0, 1, "one SUBSCRIBE for 300 channels");
     pl_redis_stats st;
     pl_redis_get_stats(c.r, &st);
     cr_assert_eq(st.channels, 300);
 
     /* Messages flow on a batch-subscribed channel. */
     publish_n(&c, "b299", 0, 1);
-    want w = {&c, 1, 1};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert(got_within(&c, 1, 1, 3000));
     cr_assert_str_eq(c.msgs[0].topic, "b299");
 
-    for (int i = 0; i < 300; i++) {
-        char t[16];
-        int n = snprintf(t, sizeof(t), "b%d", i);
-        cr_assert_eq(pl_redis_unsubscribe(c.r, t, (size_t)n), 0);
-    }
+    each_b_topic(&c, pl_redis_unsubscribe);
     cw.want = 0;
-    cr_assert(run_until(&loop, channels_are, &cw, 3000));
-    cr_assert_eq(srv_calls(&s, "unsubscribe"), 1, "one UNSUBSCRIBE for 300 channels");
-    run_for(&loop, 20);
+    cr_assert(run_until(&f.loop, channels_are, &cw, 3000));
+    cr_assert_eq(srv_calls(&f.s, "unsubscribe"), 1, "one UNSUBSCRIBE for 300 channels");
+    run_for(&f.loop, 20);
     pl_redis_get_stats(c.r, &st);
     cr_assert_eq(st.channels, 0);
     cr_assert_eq(st.subscribe_commands, 2); /* pushlet:all + the batch */
     cr_assert_eq(st.unsubscribe_commands, 1);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 Test(redis, script_reloaded_after_flush)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
+    fixture f;
+    fixture_start(&f, NULL);
     ctx c;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_ready, &c, 3000));
+    client_ready(&f, &c);
     publish_n(&c, "s", 0, 1);
-    want w = {&c, 1, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    freeReplyObject(srv_cmd(&s, 0, "SCRIPT FLUSH"));
+    cr_assert(got_within(&c, 1, 0, 3000));
+    freeReplyObject(srv_cmd(&f.s, 0, "SCRIPT FLUSH"));
     publish_n(&c, "s", 1, 4);
-    w = (want){&c, 4, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
+    cr_assert(got_within(&c, 4, 0, 3000));
     for (size_t i = 0; i < 4; i++) {
         cr_assert_eq(c.pubs[i].status, 0, "publish %zu failed", i);
         cr_assert_eq(c.pubs[i].seq, i + 1);
@@ -1131,53 +1109,36 @@ Test(redis, script_reloaded_after_flush)
     cr_assert(st.resent >= 1);
     cr_assert_eq(st.publish_errors, 0);
 
-    freeReplyObject(srv_cmd(&s, 0, "SCRIPT FLUSH"));
-    cr_assert_eq(pl_redis_fetch(c.r, "s", 1, 0, 0, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    freeReplyObject(srv_cmd(&f.s, 0, "SCRIPT FLUSH"));
+    cr_assert(run_fetch(&c, "s", 0, 0));
     cr_assert_eq(c.fetch_status, 0);
     cr_assert_eq(c.fetched, 4);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 Test(redis, unix_socket_and_age_bound)
 {
-    srv s;
-    srv_start(&s, NULL);
-    char addr[160];
-    snprintf(addr, sizeof(addr), "unix:%s", s.sock);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
-    o.history_age_ms = 200;
+    fixture f;
+    fixture_start(&f, NULL);
+    set_address(&f, "unix:%s", f.s.sock);
+    f.o.history_age_ms = 200;
     ctx c;
-    ctx_open(&c, &loop, &o);
-    cr_assert(run_until(&loop, is_ready, &c, 3000), "%s", c.error);
+    client_ready(&f, &c);
     publish_n(&c, "aged", 0, 3);
-    want w = {&c, 3, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    cr_assert_eq(pl_redis_fetch(c.r, "aged", 4, 0, 0, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert(got_within(&c, 3, 0, 3000));
+    cr_assert(run_fetch(&c, "aged", 0, 0));
     cr_assert_eq(c.fetched, 3);
-    run_for(&loop, 300);
+    run_for(&f.loop, 300);
     /* Past the age: the fetch returns nothing (last_seq tells the caller it is a gap). */
-    c.fetch_done = 0;
-    c.fetched = 0;
-    cr_assert_eq(pl_redis_fetch(c.r, "aged", 4, 0, 0, on_fetched, &c), 0);
-    cr_assert(run_until(&loop, fetch_done, &c, 3000));
+    cr_assert(run_fetch(&c, "aged", 0, 0));
     cr_assert_eq(c.fetched, 0);
     cr_assert_eq(c.fetch_last, 3);
     /* Old entries are trimmed on the next publish too. */
     publish_n(&c, "aged", 3, 4);
-    w = (want){&c, 4, 0};
-    cr_assert(run_until(&loop, got, &w, 3000));
-    cr_assert_eq(srv_int(&s, 0, "XLEN %s", "pushlet:h:{aged}"), 1);
+    cr_assert(got_within(&c, 4, 0, 3000));
+    cr_assert_eq(srv_int(&f.s, 0, "XLEN %s", "pushlet:h:{aged}"), 1);
     cr_assert_eq(c.pubs[3].seq, 4);
-    ctx_close(&c);
-    loop_done(&loop);
-    srv_stop(&s);
+    fixture_end(&f);
 }
 
 /* A server that accepts (the kernel completes the handshake) but never answers: the attempt
@@ -1189,21 +1150,17 @@ Test(redis, silent_server_times_out)
     cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(fd, 16) == 0);
     socklen_t len = sizeof(a);
     getsockname(fd, (struct sockaddr *)&a, &len);
-    char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", ntohs(a.sin_port));
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    pl_redis_options o;
-    options(&o, addr);
-    o.connect_timeout_ms = 200;
+    fixture f;
+    fixture_init(&f);
+    set_address(&f, "127.0.0.1:%d", ntohs(a.sin_port));
+    f.o.connect_timeout_ms = 200;
     ctx c;
-    ctx_open(&c, &loop, &o);
+    client_open(&f, &c);
     int64_t t0 = now_ms();
-    cr_assert(run_until(&loop, is_down, &c, 2000));
+    cr_assert(run_until(&f.loop, is_down, &c, 2000));
     int64_t took = now_ms() - t0;
     cr_assert(took >= 150 && took < 1000, "%lld ms", (long long)took);
     cr_assert(strstr(c.error, "timed out") != NULL, "%s", c.error);
-    ctx_close(&c);
-    loop_done(&loop);
+    fixture_end(&f);
     close(fd);
 }
