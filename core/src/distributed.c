@@ -565,11 +565,11 @@ int pl_dist_start(pushlet_t *p)
     pl_list_init(&d->waits);
     pl_list_init(&d->publishes);
     d->abandon = d->refetch_due = false;
-    __atomic_store_n(&d->pending, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&d->pending_bytes, 0, __ATOMIC_RELAXED);
+    /* d->pending is not reset: publishers on other threads reserve and release around a
+     * stopped broker too, and every reservation is released exactly once (answered, refused,
+     * or given up in pl_dist_close()). */
     __atomic_store_n(&d->max_pending, (size_t)p->cfg.max_queued_messages, __ATOMIC_RELAXED);
     __atomic_store_n(&d->max_pending_bytes, (size_t)p->cfg.max_queued_bytes, __ATOMIC_RELAXED);
-    __atomic_store_n(&p->stats[PUSHLET_STAT_REDIS_PENDING], 0, __ATOMIC_RELAXED);
     p->topics.on_empty = pl_dist_topic_empty;
     for (uint32_t i = 0; i < d->nshards; i++) {
         shard *s = &d->shards[i];
