@@ -10,7 +10,8 @@
  *   pushlet:s:{topic}      the topic's last sequence number (INCR)
  *   pushlet:h:{topic}      the topic's history: a stream whose entry IDs are "<seq>-<redis ms>",
  *                          fields event, data, published_ms, seq; trimmed by count (MAXLEN ~)
- *                          and by age (MINID on the oldest entries, PEXPIRE of the key)
+ *                          and by age (each publish trims up to 4 expired head entries, the
+ *                          key expires when idle, and fetches skip what is older)
  *   pushlet:n:<node>       per client: publish number -> ID of its last 1024 publishes, so a
  *                          publish resent after a lost reply is applied once
  *   pushlet:c:{topic}      the topic's pub/sub channel; payload: a record (below)
