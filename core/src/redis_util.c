@@ -197,84 +197,121 @@ int pl_redis_parse_id(const char *s, size_t len, uint64_t *epoch, uint64_t *seq)
     return ok1 && ok2 ? 0 : PUSHLET_EINVAL;
 }
 
-static bool obj_str(const msgpack_object *o, const char **p, size_t *len)
+/* The record is decoded by hand, not with msgpack-c's unpacker: that one allocates what an
+ * array header declares before reading its elements, so a corrupt header could ask for
+ * gigabytes. Here nothing is allocated and every length is checked against the input. */
+typedef struct reader {
+    const uint8_t *p, *end;
+} reader;
+
+static bool read_be(reader *r, size_t n, uint64_t *v)
 {
-    if (o->type == MSGPACK_OBJECT_STR) {
-        *p = o->via.str.ptr;
-        *len = o->via.str.size;
-        return true;
-    }
-    if (o->type == MSGPACK_OBJECT_BIN) {
-        *p = o->via.bin.ptr;
-        *len = o->via.bin.size;
-        return true;
-    }
-    return false;
+    if ((size_t)(r->end - r->p) < n)
+        return false;
+    uint64_t x = 0;
+    for (size_t i = 0; i < n; i++)
+        x = x << 8 | *r->p++;
+    *v = x;
+    return true;
+}
+
+/* str or bin (data may be either). */
+static bool read_str(reader *r, const char **s, size_t *len)
+{
+    if (r->p >= r->end)
+        return false;
+    uint8_t b = *r->p++;
+    uint64_t n;
+    if ((b & 0xe0) == 0xa0)
+        n = b & 0x1f;
+    else if (!read_be(r,
+                      b == 0xd9 || b == 0xc4   ? 1
+                      : b == 0xda || b == 0xc5 ? 2
+                      : b == 0xdb || b == 0xc6 ? 4
+                                               : 9 /* no such header: fails */,
+                      &n))
+        return false;
+    if ((uint64_t)(r->end - r->p) < n)
+        return false;
+    *s = (const char *)r->p;
+    *len = (size_t)n;
+    r->p += n;
+    return true;
 }
 
 /* Lua numbers are doubles: Redis's cmsgpack writes integral ones as integers, but accept an
  * integral float too. */
-static bool obj_int(const msgpack_object *o, int64_t *v)
+static bool read_int(reader *r, int64_t *v)
 {
-    switch (o->type) {
-    case MSGPACK_OBJECT_POSITIVE_INTEGER:
-        if (o->via.u64 > INT64_MAX)
-            return false;
-        *v = (int64_t)o->via.u64;
+    if (r->p >= r->end)
+        return false;
+    uint8_t b = *r->p++;
+    uint64_t u;
+    if (b <= 0x7f || b >= 0xe0) { /* fixint */
+        *v = b <= 0x7f ? (int64_t)b : (int64_t)(int8_t)b;
         return true;
-    case MSGPACK_OBJECT_NEGATIVE_INTEGER: *v = o->via.i64; return true;
-    case MSGPACK_OBJECT_FLOAT64:
-    case MSGPACK_OBJECT_FLOAT32:
-        if (o->via.f64 != (double)(int64_t)o->via.f64)
-            return false;
-        *v = (int64_t)o->via.f64;
-        return true;
-    default: return false;
     }
+    size_t n = b == 0xcc || b == 0xd0                ? 1
+               : b == 0xcd || b == 0xd1              ? 2
+               : b == 0xce || b == 0xd2 || b == 0xca ? 4
+               : b == 0xcf || b == 0xd3 || b == 0xcb ? 8
+                                                     : 0;
+    if (n == 0 || !read_be(r, n, &u))
+        return false;
+    if (b == 0xca || b == 0xcb) {
+        double d;
+        if (b == 0xca) {
+            float f;
+            uint32_t w = (uint32_t)u;
+            memcpy(&f, &w, sizeof(f));
+            d = f;
+        } else {
+            memcpy(&d, &u, sizeof(d));
+        }
+        if (!(d >= -9.0e18 && d <= 9.0e18) || d != (double)(int64_t)d) /* NaN fails too */
+            return false;
+        *v = (int64_t)d;
+    } else if (b >= 0xcc && b <= 0xcf) { /* unsigned */
+        if (u > INT64_MAX)
+            return false;
+        *v = (int64_t)u;
+    } else { /* signed, sign-extended from n bytes */
+        int shift = 64 - 8 * (int)n;
+        *v = (int64_t)(u << shift) >> shift;
+    }
+    return true;
 }
 
 int pl_redis_record_decode(const char *buf, size_t len, pl_redis_record *out)
 {
-    /* A record is small and flat: a fixed zone on the stack would do, but msgpack-c's unpacker
-     * wants its own; the pointers it gives refer into `buf` for str/bin. */
-    msgpack_unpacked u;
-    msgpack_unpacked_init(&u);
-    size_t off = 0;
-    int rc = PUSHLET_EINVAL;
-    if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS || off != len)
-        goto out;
-    const msgpack_object *o = &u.data;
-    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 7)
-        goto out;
-    const msgpack_object *f = o->via.array.ptr;
+    reader r = {(const uint8_t *)buf, (const uint8_t *)buf + len};
+    uint64_t count = 0;
+    if (len == 0)
+        return PUSHLET_EINVAL;
+    uint8_t b = *r.p++;
+    if ((b & 0xf0) == 0x90)
+        count = b & 0x0f;
+    else if (!read_be(&r, b == 0xdc ? 2 : b == 0xdd ? 4 : 9, &count))
+        return PUSHLET_EINVAL;
     int64_t version, seq, pub;
     const char *epoch;
     size_t epoch_len;
     memset(out, 0, sizeof(*out));
-    if (!obj_int(&f[0], &version) || version != 1 ||
-        !obj_str(&f[1], &out->topic, &out->topic_len) ||
-        !obj_str(&f[2], &out->event, &out->event_len) ||
-        !obj_str(&f[3], &out->data, &out->data_len) || !obj_str(&f[4], &epoch, &epoch_len) ||
-        !obj_int(&f[5], &seq) || !obj_int(&f[6], &pub) || seq < 0)
-        goto out;
+    if (count != 7 || !read_int(&r, &version) || version != 1 ||
+        !read_str(&r, &out->topic, &out->topic_len) ||
+        !read_str(&r, &out->event, &out->event_len) || !read_str(&r, &out->data, &out->data_len) ||
+        !read_str(&r, &epoch, &epoch_len) || !read_int(&r, &seq) || !read_int(&r, &pub) ||
+        seq < 0 || r.p != r.end)
+        return PUSHLET_EINVAL;
     if (out->topic_len > 0) {
         bool ok;
         out->epoch = parse_base36(epoch, epoch_len, &ok);
         if (!ok || seq == 0)
-            goto out;
+            return PUSHLET_EINVAL;
     }
     out->seq = (uint64_t)seq;
     out->published_ms = pub;
-    /* The strings must outlive the unpacker: they point into `buf` only when the unpacker did
-     * not copy them, so check. */
-    if ((out->topic_len && (out->topic < buf || out->topic + out->topic_len > buf + len)) ||
-        (out->event_len && (out->event < buf || out->event + out->event_len > buf + len)) ||
-        (out->data_len && (out->data < buf || out->data + out->data_len > buf + len)))
-        goto out;
-    rc = 0;
-out:
-    msgpack_unpacked_destroy(&u);
-    return rc;
+    return 0;
 }
 
 int pl_redis_record_encode(const pl_redis_record *rec, char **out, size_t *out_len)
