@@ -27,10 +27,6 @@
 #include "testutil.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <ftw.h>
-#include <hiredis/hiredis.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -39,9 +35,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #define NTOPICS          3
@@ -79,129 +72,22 @@ static void check(bool ok, const char *fmt, ...)
     va_end(ap);
 }
 
-/* ---- redis-server of our own ---------------------------------------------------------------- */
+/* ---- redis-server of our own (testutil.c) -----------------------------------------------------
+ */
 
-static struct {
-    pid_t pid;
-    int port;
-    char dir[64];
-} srv;
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0)
-        return -1;
-    socklen_t len = sizeof(a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static redisContext *srv_connect(void)
-{
-    struct timeval tv = {1, 0};
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", srv.port, tv);
-    if (c == NULL || c->err) {
-        if (c != NULL)
-            redisFree(c);
-        return NULL;
-    }
-    redisSetTimeout(c, tv);
-    return c;
-}
-
-/* The main thread forks (PR_SET_PDEATHSIG follows the thread that forked, and this one lives
- * until exit); the child only execs. */
-static bool srv_spawn(void)
-{
-    char port[16], log[128];
-    snprintf(port, sizeof(port), "%d", srv.port);
-    snprintf(log, sizeof(log), "%s/redis.log", srv.dir);
-    const char *argv[] = {"/usr/bin/redis-server",
-                          "--port",
-                          port,
-                          "--bind",
-                          "127.0.0.1",
-                          "--save",
-                          "",
-                          "--appendonly",
-                          "yes",
-                          "--appendfsync",
-                          "always",
-                          "--dir",
-                          srv.dir,
-                          NULL};
-    pid_t pid = fork();
-    if (pid < 0)
-        return false;
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        for (int i = 3; i < 1024; i++)
-            close(i);
-        execv(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    srv.pid = pid;
-    int64_t deadline = tu_now_ms() + 10000;
-    while (tu_now_ms() < deadline) {
-        redisContext *c = srv_connect();
-        if (c != NULL) {
-            redisReply *rep = redisCommand(c, "PING");
-            bool ok = rep != NULL && rep->type == REDIS_REPLY_STATUS;
-            if (rep != NULL)
-                freeReplyObject(rep);
-            redisFree(c);
-            if (ok)
-                return true;
-        }
-        tu_sleep_ms(10);
-    }
-    return false;
-}
-
-static void srv_kill(void)
-{
-    if (srv.pid > 0) {
-        kill(srv.pid, SIGKILL);
-        waitpid(srv.pid, NULL, 0);
-        srv.pid = 0;
-    }
-}
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    remove(path);
-    return 0;
-}
-
-static void srv_cleanup(void)
-{
-    srv_kill();
-    if (srv.dir[0])
-        nftw(srv.dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
-}
+/* AOF with fsync on every write: a restart keeps the data. The main thread forks
+ * (PR_SET_PDEATHSIG follows the thread that forked, and this one lives until exit). */
+static tu_redis srv = {.aof = true};
 
 /* The cluster epoch as Redis keeps it (base 36), or "" when it cannot be read. */
 static void srv_epoch(char *out, size_t cap)
 {
     out[0] = '\0';
-    redisContext *c = srv_connect();
-    if (!c)
-        return;
-    redisReply *rep = redisCommand(c, "GET pushlet:epoch");
+    redisReply *rep = tu_redis_cmd(&srv, 0, "GET pushlet:epoch");
     if (rep && rep->type == REDIS_REPLY_STRING)
         snprintf(out, cap, "%s", rep->str);
     if (rep)
         freeReplyObject(rep);
-    redisFree(c);
 }
 
 /* ---- Cursors: position *( "." position ) [ "~" check ], position = [ epoch "-" ] seq ----- */
@@ -637,15 +523,8 @@ int main(void)
     int64_t t0 = tu_now_ms();
     g.deadline_ms = t0 + RUN_DEADLINE_MS;
 
-    snprintf(srv.dir, sizeof(srv.dir), "/tmp/pl-dist-tsan-XXXXXX");
-    if (!mkdtemp(srv.dir)) {
-        printf("FAIL: mkdtemp\n0 passed, 1 failed\n");
-        return 1;
-    }
-    srv.port = free_port();
-    if (srv.port <= 0 || !srv_spawn()) {
-        printf("FAIL: redis-server did not start\n0 passed, 1 failed\n");
-        srv_cleanup();
+    if (!tu_redis_start(&srv, 10000)) {
+        printf("FAIL: %s\n0 passed, 1 failed\n", srv.error);
         return 1;
     }
     char addr[64];
@@ -655,7 +534,7 @@ int main(void)
     if (!g.a || !g.b) {
         pushlet_free(g.a);
         pushlet_free(g.b);
-        srv_cleanup();
+        tu_redis_stop(&srv);
         printf("%d passed, %d failed\n", passed, failed);
         return 1;
     }
@@ -696,10 +575,10 @@ int main(void)
            tu_now_ms() < g.deadline_ms)
         tu_sleep_ms(1);
     int at_kill = __atomic_load_n(&g.published, __ATOMIC_ACQUIRE);
-    srv_kill();
+    tu_redis_kill(&srv);
     int64_t t_kill = tu_now_ms();
     tu_sleep_ms(OUTAGE_MS);
-    bool respawned = srv_spawn();
+    bool respawned = tu_redis_spawn(&srv, 10000);
     check(respawned, "redis-server did not come back on port %d", srv.port);
     int64_t t_back = tu_now_ms();
     int at_respawn = __atomic_load_n(&g.published, __ATOMIC_ACQUIRE);
@@ -850,7 +729,7 @@ int main(void)
     check(pushlet_stop(g.b) == 0, "stop B");
     int64_t stop_ms = tu_now_ms() - t_stop;
     check(pushlet_free(g.a) == 0 && pushlet_free(g.b) == 0, "free");
-    srv_cleanup();
+    tu_redis_stop(&srv);
 
     printf("subscribed in %lld ms; killed at %d published, back after %lld ms at %d; "
            "published in %lld ms; delivered %lld ms later; EFULL retries A %llu B %llu; "

@@ -2,26 +2,20 @@
  * that use it) against real redis-server processes: each test starts its own on a free loopback
  * port, in a temporary directory, and kills it by PID. Subscribers are raw SSE sockets
  * (testutil.c); Redis is inspected with a hiredis sync client. Every wait is bounded. */
-#define _GNU_SOURCE /* nftw */
+#define _GNU_SOURCE /* strcasestr */
 #include "pushlet.h"
 #include "redis.h" /* pl_redis_shard_of: which shard a topic lives on */
 #include "testutil.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <ftw.h>
 #include <hiredis/hiredis.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #define WAIT_MS 5000
@@ -30,67 +24,18 @@
  * parallel (seen under LeakSanitizer). */
 #define note(...) (fprintf(stderr, "[info] " __VA_ARGS__), fputc('\n', stderr))
 
-/* ---- redis-server processes ------------------------------------------------------------------ */
+/* ---- redis-server processes (testutil.c), asserted ------------------------------------------ */
 
-typedef struct srv {
-    pid_t pid;
-    int port;
-    char dir[64];
-    char sock[128];
-    const char *password;
-    bool aof;  /* appendonly yes, appendfsync always: a restart keeps the data */
-    bool ipv6; /* also listens on [::1] */
-} srv;
-
-/* What a failed assertion left behind, by value (a test's own srv lives on its stack, gone by
- * the time .fini runs): killed and removed by .fini. */
-static struct {
-    pid_t pid;
-    char dir[64];
-} started[4];
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
-    socklen_t len = sizeof(a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static redisContext *srv_connect(const srv *s)
-{
-    struct timeval tv = {1, 0};
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", s->port, tv);
-    if (c == NULL || c->err) {
-        if (c != NULL)
-            redisFree(c);
-        return NULL;
-    }
-    redisSetTimeout(c, tv);
-    if (s->password != NULL) {
-        redisReply *rep = redisCommand(c, "AUTH %s", s->password);
-        if (rep != NULL)
-            freeReplyObject(rep);
-    }
-    return c;
-}
+typedef tu_redis srv;
 
 /* Runs one command on the server (db `db`); the caller frees the reply. */
 static redisReply *srv_cmd(const srv *s, int db, const char *fmt, ...)
 {
-    redisContext *c = srv_connect(s);
-    cr_assert(c != NULL, "cannot reach redis on port %d", s->port);
-    if (db != 0)
-        freeReplyObject(redisCommand(c, "SELECT %d", db));
     va_list ap;
     va_start(ap, fmt);
-    redisReply *rep = redisvCommand(c, fmt, ap);
+    redisReply *rep = tu_redis_vcmd(s, db, fmt, ap);
     va_end(ap);
-    redisFree(c);
-    cr_assert(rep != NULL);
+    cr_assert(rep != NULL, "no reply from redis on port %d", s->port);
     return rep;
 }
 
@@ -123,127 +68,16 @@ static size_t srv_count_keys(const srv *s, int db, const char *pattern)
     return n;
 }
 
-static void srv_spawn(srv *s)
-{
-    char port[16], log[128];
-    snprintf(port, sizeof(port), "%d", s->port);
-    snprintf(log, sizeof(log), "%s/redis.log", s->dir);
-    const char *argv[24];
-    int n = 0;
-    argv[n++] = "/usr/bin/redis-server";
-    argv[n++] = "--port";
-    argv[n++] = port;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    if (s->ipv6)
-        argv[n++] = "::1";
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = s->aof ? "yes" : "no";
-    if (s->aof) {
-        argv[n++] = "--appendfsync";
-        argv[n++] = "always";
-    }
-    argv[n++] = "--dir";
-    argv[n++] = s->dir;
-    argv[n++] = "--unixsocket";
-    argv[n++] = s->sock;
-    argv[n++] = "--unixsocketperm";
-    argv[n++] = "700";
-    if (s->password != NULL) {
-        argv[n++] = "--requirepass";
-        argv[n++] = s->password;
-    }
-    argv[n] = NULL;
-    pid_t pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        /* Nothing of the test process (Criterion's channel, the loop's fds) goes along. */
-        for (int i = 3; i < 1024; i++)
-            close(i);
-        execv(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    s->pid = pid;
-    for (int i = 0; i < 4; i++) {
-        if (started[i].dir[0] == '\0' || strcmp(started[i].dir, s->dir) == 0) {
-            started[i].pid = pid;
-            snprintf(started[i].dir, sizeof(started[i].dir), "%s", s->dir);
-            break;
-        }
-    }
-    int64_t deadline = tu_now_ms() + 5000;
-    while (tu_now_ms() < deadline) {
-        redisContext *c = srv_connect(s);
-        if (c != NULL) {
-            redisReply *rep = redisCommand(c, "PING");
-            bool ok = rep != NULL && rep->type == REDIS_REPLY_STATUS;
-            if (rep != NULL)
-                freeReplyObject(rep);
-            redisFree(c);
-            if (ok)
-                return;
-        }
-        usleep(10000);
-    }
-    cr_assert_fail("redis-server did not start on port %d", s->port);
-}
+/* Started again on the same port and directory. */
+static void srv_spawn(srv *s) { cr_assert(tu_redis_spawn(s, 5000), "%s", s->error); }
 
+/* A new server on a free port, requiring `password` unless NULL. */
 static void srv_start(srv *s, const char *password, bool aof)
 {
     memset(s, 0, sizeof(*s));
-    snprintf(s->dir, sizeof(s->dir), "/tmp/pl-dist-test-XXXXXX");
-    cr_assert(mkdtemp(s->dir) != NULL);
-    snprintf(s->sock, sizeof(s->sock), "%s/redis.sock", s->dir);
     s->password = password;
     s->aof = aof;
-    s->port = free_port();
-    srv_spawn(s);
-}
-
-static void kill_pid(pid_t pid)
-{
-    if (pid > 0) {
-        kill(pid, SIGKILL);
-        waitpid(pid, NULL, 0);
-    }
-}
-
-static void srv_kill(srv *s)
-{
-    kill_pid(s->pid);
-    s->pid = 0;
-    for (int i = 0; i < 4; i++)
-        if (strcmp(started[i].dir, s->dir) == 0)
-            started[i].pid = 0;
-}
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    remove(path);
-    return 0;
-}
-
-static void remove_dir(const char *dir)
-{
-    nftw(dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS); /* the log, the AOF directory */
-}
-
-static void srv_stop(srv *s)
-{
-    srv_kill(s);
-    for (int i = 0; i < 4; i++)
-        if (strcmp(started[i].dir, s->dir) == 0)
-            memset(&started[i], 0, sizeof(started[i]));
-    remove_dir(s->dir);
+    cr_assert(tu_redis_start(s, 5000), "%s", s->error);
 }
 
 /* Every test is bounded in time: SIGALRM ends a stuck worker, which Criterion reports as a
@@ -255,18 +89,7 @@ static void bound_time(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
-static void cleanup_servers(void)
-{
-    for (int i = 0; i < 4; i++) {
-        if (started[i].dir[0] == '\0')
-            continue;
-        kill_pid(started[i].pid);
-        remove_dir(started[i].dir);
-        memset(&started[i], 0, sizeof(started[i]));
-    }
-}
-
-TestSuite(distributed, .init = bound_time, .fini = cleanup_servers);
+TestSuite(distributed, .init = bound_time, .fini = tu_redis_stop_all);
 
 /* ---- Brokers ----------------------------------------------------------------------------------
  */
@@ -407,6 +230,73 @@ static void http_get(int port, const char *path, tu_buf *out)
     cr_assert(out->len > 0 && got == 0, "GET %s: no complete answer", path);
 }
 
+/* ---- Setups the tests share --------------------------------------------------------------- */
+
+/* A new server on a free port (no password) and its "127.0.0.1:PORT" address. */
+static void srv_start_tcp(srv *s, bool aof, char *addr, size_t cap)
+{
+    srv_start(s, NULL, aof);
+    snprintf(addr, cap, "127.0.0.1:%d", s->port);
+}
+
+/* Starts `p` and waits until every shard is up; the broker's port. */
+static int start_ready(pushlet_t *p)
+{
+    int port = start(p);
+    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    return port;
+}
+
+/* The next event on `c` must be "upd" with `data`, under the ID Redis gave sequence `seq`. */
+static void expect_upd_seq(tu_client *c, const srv *s, int db, uint64_t seq, const char *data)
+{
+    char id[64], want[64];
+    expect_event(c, "upd", data, id, sizeof(id));
+    expected_id(s, db, seq, want, sizeof(want));
+    cr_assert_str_eq(id, want, "%s", data);
+}
+
+/* Redis killed: `p` notices the shard down. */
+static void redis_down(srv *s, pushlet_t *p)
+{
+    tu_redis_kill(s);
+    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS), "down not noticed");
+}
+
+/* Redis started again on its port and directory: `p` is back on every shard. */
+static void redis_back(srv *s, pushlet_t *p)
+{
+    srv_spawn(s);
+    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, 10000), "not back");
+}
+
+/* A test's end: its subscriber closed, its broker freed without error, its server ended. */
+static void end_one(tu_client *c, pushlet_t *p, srv *s)
+{
+    tu_client_close(c);
+    cr_assert_eq(pushlet_free(p), 0);
+    tu_redis_stop(s);
+}
+
+/* The same with two subscribers and two brokers. */
+static void end_two(tu_client *ca, tu_client *cb, pushlet_t *a, pushlet_t *b, srv *s)
+{
+    tu_client_close(ca);
+    tu_client_close(cb);
+    cr_assert_eq(pushlet_free(a), 0);
+    cr_assert_eq(pushlet_free(b), 0);
+    tu_redis_stop(s);
+}
+
+/* GET `path` on the broker: the answer contains `want`. */
+static void expect_in_page(int port, const char *path, const char *want)
+{
+    tu_buf b = {0};
+    http_get(port, path, &b);
+    cr_assert(strstr(b.p, want) != NULL, "no %s in %s: %s", want, path, b.p);
+    tu_buf_free(&b);
+}
+
 /* ---- Arguments and the start-up check -------------------------------------------------------- */
 
 Test(distributed, invalid_arguments)
@@ -456,7 +346,9 @@ Test(distributed, unreachable_is_unavailable)
     logcap_init(&l);
     pushlet_t *p = new_broker(&l);
     char addr[160];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", free_port());
+    int port = tu_free_port();
+    cr_assert(port > 0);
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
     int64_t t0 = tu_now_ms();
     cr_assert_eq(pushlet_enable_distributed_mode(p, addr, NULL, 0), PUSHLET_EUNAVAILABLE);
     cr_assert_lt(tu_now_ms() - t0, 1000, "a refused connection is reported at once");
@@ -524,15 +416,12 @@ Test(distributed, refused_password_or_db_is_eauth)
     p = new_broker(NULL);
     snprintf(addr, sizeof(addr), "redis://bob:bobpw@127.0.0.1:%d", s.port);
     enable(p, addr, NULL, 0);
-    int port = start(p);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int port = start_ready(p);
     tu_client c;
     subscribe(&c, port, "acl");
     publish(p, "acl", "as bob");
     expect_event(&c, "upd", "as bob", NULL, 0);
-    tu_client_close(&c);
-    cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    end_one(&c, p, &s);
 }
 
 /* A redis:// URL's password and db win over the separate ones; every key is in that db. */
@@ -546,15 +435,11 @@ Test(distributed, url_password_and_db)
     char addr[160];
     snprintf(addr, sizeof(addr), "redis://:pw@127.0.0.1:%d/3", s.port);
     enable(p, addr, "not-this-one", 1);
-    int port = start(p);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int port = start_ready(p);
     tu_client c;
     subscribe(&c, port, "k");
     publish(p, "k", "in db 3");
-    char id[64], want[64];
-    expect_event(&c, "upd", "in db 3", id, sizeof(id));
-    expected_id(&s, 3, 1, want, sizeof(want));
-    cr_assert_str_eq(id, want);
+    expect_upd_seq(&c, &s, 3, 1, "in db 3");
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_PENDING, 0, WAIT_MS));
 
     cr_assert_eq(srv_int(&s, 3, "EXISTS %s", "pushlet:epoch"), 1);
@@ -578,9 +463,7 @@ Test(distributed, url_password_and_db)
     tu_buf_free(&b);
     cr_assert(logged(&l, "ready"), "%s", l.text);
     cr_assert(!logged(&l, "pw@") && !logged(&l, "not-this-one"), "%s", l.text);
-    tu_client_close(&c);
-    cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    end_one(&c, p, &s);
 }
 
 typedef struct loop_call {
@@ -600,9 +483,8 @@ static void on_connected(pushlet_t *p, const pushlet_event_t *e, void *ud)
 Test(distributed, ebusy_while_running)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     enable(p, addr, NULL, 0);
     loop_call lc = {p, addr, 1};
@@ -619,14 +501,11 @@ Test(distributed, ebusy_while_running)
                  "from the loop thread");
     /* The refused calls left the running broker alone. */
     publish(p, "busy", "still here");
-    char id[64], want[64];
-    expect_event(&c, "upd", "still here", id, sizeof(id));
-    expected_id(&s, 0, 1, want, sizeof(want));
-    cr_assert_str_eq(id, want);
+    expect_upd_seq(&c, &s, 0, 1, "still here");
     tu_client_close(&c);
     cr_assert_eq(pushlet_stop(p), 0);
     cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    tu_redis_stop(&s);
 }
 
 Test(distributed, unix_socket)
@@ -638,9 +517,7 @@ Test(distributed, unix_socket)
     pushlet_t *a = new_broker(NULL), *b = new_broker(NULL);
     enable(a, addr, NULL, 0);
     enable(b, s.sock, NULL, 0); /* a bare path */
-    int pa = start(a), pb = start(b);
-    cr_assert(wait_stat(a, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
-    cr_assert(wait_stat(b, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int pa = start_ready(a), pb = start_ready(b);
     tu_client ca, cb;
     subscribe(&ca, pa, "u");
     subscribe(&cb, pb, "u");
@@ -651,17 +528,10 @@ Test(distributed, unix_socket)
     expected_id(&s, 0, 1, want, sizeof(want));
     cr_assert_str_eq(ida, want);
     cr_assert_str_eq(idb, want);
-    tu_buf st = {0};
-    http_get(pa, "/stats", &st);
     char where[200];
     snprintf(where, sizeof(where), "\"address\":\"%s/0\"", s.sock);
-    cr_assert(strstr(st.p, where) != NULL, "%s", st.p);
-    tu_buf_free(&st);
-    tu_client_close(&ca);
-    tu_client_close(&cb);
-    cr_assert_eq(pushlet_free(a), 0);
-    cr_assert_eq(pushlet_free(b), 0);
-    srv_stop(&s);
+    expect_in_page(pa, "/stats", where);
+    end_two(&ca, &cb, a, b, &s);
 }
 
 /* ---- Publishing through Redis ---------------------------------------------------------------- */
@@ -671,9 +541,8 @@ Test(distributed, unix_socket)
 Test(distributed, round_trip_ids_across_brokers)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *a = new_broker(NULL), *b = new_broker(NULL);
     enable(a, addr, NULL, 0);
     enable(b, addr, NULL, 0);
@@ -729,11 +598,7 @@ Test(distributed, round_trip_ids_across_brokers)
     expect_quiet(&late, 100);
     tu_client_close(&late);
 
-    tu_client_close(&ca);
-    tu_client_close(&cb);
-    cr_assert_eq(pushlet_free(a), 0);
-    cr_assert_eq(pushlet_free(b), 0);
-    srv_stop(&s);
+    end_two(&ca, &cb, a, b, &s);
 }
 
 /* ---- Outages ----------------------------------------------------------------------------------
@@ -745,24 +610,19 @@ Test(distributed, round_trip_ids_across_brokers)
 Test(distributed, outage_with_data_kept)
 {
     srv s;
-    srv_start(&s, NULL, true);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, true, addr, sizeof(addr));
     logcap l;
     logcap_init(&l);
     pushlet_t *p = new_broker(&l);
     enable(p, addr, NULL, 0);
-    int port = start(p);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int port = start_ready(p);
     tu_client c;
     subscribe(&c, port, "live");
     publish(p, "live", "before");
-    char id[64], want[64];
-    expect_event(&c, "upd", "before", id, sizeof(id));
-    expected_id(&s, 0, 1, want, sizeof(want));
-    cr_assert_str_eq(id, want);
+    expect_upd_seq(&c, &s, 0, 1, "before");
 
-    srv_kill(&s);
+    tu_redis_kill(&s);
     int64_t t0 = tu_now_ms();
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS), "down not noticed");
     note("outage noticed after %lld ms", (long long)(tu_now_ms() - t0));
@@ -783,22 +643,16 @@ Test(distributed, outage_with_data_kept)
     t0 = tu_now_ms();
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, 10000), "not back");
     note("ready again %lld ms after the restart", (long long)(tu_now_ms() - t0));
-    expect_event(&c, "upd", "while down", id, sizeof(id));
-    expected_id(&s, 0, 2, want, sizeof(want));
-    cr_assert_str_eq(id, want, "same epoch, next sequence");
+    expect_upd_seq(&c, &s, 0, 2, "while down"); /* same epoch, next sequence */
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_PENDING, 0, WAIT_MS));
     publish(p, "live", "after");
-    expect_event(&c, "upd", "after", id, sizeof(id));
-    expected_id(&s, 0, 3, want, sizeof(want));
-    cr_assert_str_eq(id, want);
+    expect_upd_seq(&c, &s, 0, 3, "after");
     expect_quiet(&c, 100);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_GAPS), 0);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_REDIS_PUBLISH_ERRORS), 0);
     cr_assert_geq(pushlet_stat(p, PUSHLET_STAT_REDIS_CATCH_UPS), 2, "joined, then caught up");
     cr_assert(logged(&l, "down:") && logged(&l, "ready again"), "%s", l.text);
-    tu_client_close(&c);
-    cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    end_one(&c, p, &s);
 }
 
 /* Redis restarted without its data: a new epoch. Live subscribers get a gap (epoch_changed),
@@ -806,9 +660,8 @@ Test(distributed, outage_with_data_kept)
 Test(distributed, outage_with_data_lost)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     enable(p, addr, NULL, 0);
     int port = start(p);
@@ -820,10 +673,8 @@ Test(distributed, outage_with_data_lost)
     expected_id(&s, 0, 1, want, sizeof(want));
     cr_assert_str_eq(old, want);
 
-    srv_kill(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS));
-    srv_spawn(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, 10000), "not back");
+    redis_down(&s, p);
+    redis_back(&s, p);
     publish(p, "fresh", "new");
     expect_event(&c, "gap", "{\"topic\":\"fresh\",\"reason\":\"epoch_changed\"}", NULL, 0);
     expect_event(&c, "upd", "new", id, sizeof(id));
@@ -831,9 +682,7 @@ Test(distributed, outage_with_data_lost)
     cr_assert_str_eq(id, want, "seq 1 of the new epoch");
     cr_assert_str_neq(id, old);
     expect_quiet(&c, 100);
-    tu_client_close(&c);
-    cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    end_one(&c, p, &s);
 }
 
 /* ---- Shards -----------------------------------------------------------------------------------
@@ -852,8 +701,7 @@ Test(distributed, two_shards)
         snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", s[i].port);
         enable(p, addr[i], NULL, 0);
     }
-    int port = start(p);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int port = start_ready(p);
     enum { NT = 20 };
     char topics[NT][16];
     int shard[NT], per_shard[2] = {0, 0}, first[2] = {-1, -1};
@@ -910,23 +758,18 @@ Test(distributed, two_shards)
     }
 
     /* Shard 1 down: shard 0's topics flow, shard 1's wait for it. */
-    srv_kill(&s[1]);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS));
+    redis_down(&s[1], p);
     publish(p, topics[first[1]], "waits");
     publish(p, topics[first[0]], "flows");
     expect_event(&c, "upd", "flows", NULL, 0);
-    tu_buf b = {0};
-    http_get(port, "/stats", &b);
-    cr_assert(strstr(b.p, "\"redis\":{\"state\":\"degraded\"") != NULL, "%s", b.p);
-    tu_buf_free(&b);
-    srv_spawn(&s[1]);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, 10000));
+    expect_in_page(port, "/stats", "\"redis\":{\"state\":\"degraded\"");
+    redis_back(&s[1], p);
     expect_event(&c, "upd", "waits", NULL, 0);
     expect_quiet(&c, 100);
     tu_client_close(&c);
     cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s[0]);
-    srv_stop(&s[1]);
+    tu_redis_stop(&s[0]);
+    tu_redis_stop(&s[1]);
 }
 
 /* ---- Stopping ---------------------------------------------------------------------------------
@@ -938,17 +781,15 @@ Test(distributed, two_shards)
 Test(distributed, stop_with_redis_down)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_STOP_TIMEOUT_MS, 300), 0);
     enable(p, addr, NULL, 0);
     int port = start(p);
     tu_client c;
     subscribe(&c, port, "here");
-    srv_kill(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS));
+    redis_down(&s, p);
     for (int i = 0; i < 20; i++)
         publish(p, i % 2 ? "here" : "elsewhere", "lost");
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_PENDING, 20, WAIT_MS));
@@ -972,19 +813,15 @@ Test(distributed, stop_with_redis_down)
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
     subscribe(&c, port, "here");
     publish(p, "here", "again");
-    char id[64], want[64];
-    expect_event(&c, "upd", "again", id, sizeof(id));
-    expected_id(&s, 0, 1, want, sizeof(want));
-    cr_assert_str_eq(id, want);
+    expect_upd_seq(&c, &s, 0, 1, "again");
     tu_client_close(&c);
     /* And once more down, freed without a stop of its own. */
-    srv_kill(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS));
+    redis_down(&s, p);
     publish(p, "here", "lost too");
     t0 = tu_now_ms();
     cr_assert_eq(pushlet_free(p), 0);
     cr_assert_lt(tu_now_ms() - t0, 300 + 1500);
-    srv_stop(&s);
+    tu_redis_stop(&s);
 }
 
 /* Redis gone between the check and the start: the broker starts, keeps trying, publishes wait
@@ -992,14 +829,13 @@ Test(distributed, stop_with_redis_down)
 Test(distributed, stop_never_connected)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_STOP_TIMEOUT_MS, 200), 0);
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_MAX_QUEUED_MESSAGES, 10), 0);
     enable(p, addr, NULL, 0);
-    srv_stop(&s);
+    tu_redis_stop(&s);
     int port = start(p);
     cr_assert_eq(pushlet_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN), 1);
     for (int i = 0; i < 10; i++)
@@ -1057,9 +893,8 @@ static int send_publish(int port, const char *topic, const char *body)
 Test(distributed, http_publish_answers_after_redis)
 {
     srv s;
-    srv_start(&s, NULL, true);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, true, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_HTTP_PUBLISH, 1), 0);
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_MAX_QUEUED_MESSAGES, 2), 0);
@@ -1078,8 +913,7 @@ Test(distributed, http_publish_answers_after_redis)
     expect_event(&c, "upd", "via http", id, sizeof(id));
     cr_assert_str_eq(id, want);
 
-    srv_kill(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS));
+    redis_down(&s, p);
     /* Two wait (the bound is 2); a third is refused at once with 503 and Retry-After. */
     int waiting[2];
     waiting[0] = send_publish(port, "h", "waited 1");
@@ -1111,9 +945,7 @@ Test(distributed, http_publish_answers_after_redis)
     expect_quiet(&c, 100);
     cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_PENDING, 0, WAIT_MS));
     tu_buf_free(&b);
-    tu_client_close(&c);
-    cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    end_one(&c, p, &s);
 }
 
 /* Publish-to-all goes through Redis too (pushlet:all), to every stream of every broker, without
@@ -1121,15 +953,12 @@ Test(distributed, http_publish_answers_after_redis)
 Test(distributed, publish_all_reaches_every_broker)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *a = new_broker(NULL), *b = new_broker(NULL);
     enable(a, addr, NULL, 0);
     enable(b, addr, NULL, 0);
-    int pa = start(a), pb = start(b);
-    cr_assert(wait_stat(a, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
-    cr_assert(wait_stat(b, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int pa = start_ready(a), pb = start_ready(b);
     tu_client ca, cb;
     char cid[64], id[64];
     cr_assert(tu_client_open(&ca, pa, "/events?topic=x", NULL, NULL));
@@ -1141,11 +970,7 @@ Test(distributed, publish_all_reaches_every_broker)
     expect_event(&cb, "notice", "to everyone", NULL, 0);
     expect_quiet(&ca, 100);
     expect_quiet(&cb, 0);
-    tu_client_close(&ca);
-    tu_client_close(&cb);
-    cr_assert_eq(pushlet_free(a), 0);
-    cr_assert_eq(pushlet_free(b), 0);
-    srv_stop(&s);
+    end_two(&ca, &cb, a, b, &s);
 }
 
 /* While Redis is down a stream to a topic the broker already follows opens from memory; one to
@@ -1153,17 +978,15 @@ Test(distributed, publish_all_reaches_every_broker)
 Test(distributed, new_topic_while_down)
 {
     srv s;
-    srv_start(&s, NULL, true);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, true, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     cr_assert_eq(pushlet_set_int(p, PUSHLET_OPT_AUTH_TIMEOUT_MS, 600), 0);
     enable(p, addr, NULL, 0);
     int port = start(p);
     tu_client c, again;
     subscribe(&c, port, "followed");
-    srv_kill(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 1, WAIT_MS));
+    redis_down(&s, p);
     int64_t t0 = tu_now_ms();
     subscribe(&again, port, "followed");
     cr_assert_lt(tu_now_ms() - t0, 500, "a followed topic does not wait for Redis");
@@ -1178,8 +1001,7 @@ Test(distributed, new_topic_while_down)
     cr_assert(took >= 500 && took < 2500, "refused after %lld ms", (long long)took);
     tu_client_close(&refused);
 
-    srv_spawn(&s);
-    cr_assert(wait_stat(p, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, 10000));
+    redis_back(&s, p);
     subscribe(&refused, port, "unfollowed");
     publish(p, "followed", "f");
     publish(p, "unfollowed", "u");
@@ -1188,9 +1010,7 @@ Test(distributed, new_topic_while_down)
     expect_event(&refused, "upd", "u", NULL, 0);
     tu_client_close(&refused);
     tu_client_close(&again);
-    tu_client_close(&c);
-    cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    end_one(&c, p, &s);
 }
 
 /* ---- Addresses --------------------------------------------------------------------------------
@@ -1199,51 +1019,38 @@ Test(distributed, new_topic_while_down)
 /* IPv6 literals, and a percent-encoded password in a URL. */
 Test(distributed, ipv6_and_encoded_password)
 {
-    srv s;
-    memset(&s, 0, sizeof(s));
-    snprintf(s.dir, sizeof(s.dir), "/tmp/pl-dist-test-XXXXXX");
-    cr_assert(mkdtemp(s.dir) != NULL);
-    snprintf(s.sock, sizeof(s.sock), "%s/redis.sock", s.dir);
-    s.password = "p@ss/w:rd";
-    s.ipv6 = true;
-    s.port = free_port();
-    srv_spawn(&s);
+    srv s = {.password = "p@ss/w:rd", .ipv6 = true};
+    cr_assert(tu_redis_start(&s, 5000), "%s", s.error);
     char addr[160];
     pushlet_t *a = new_broker(NULL), *b = new_broker(NULL);
     snprintf(addr, sizeof(addr), "[::1]:%d", s.port);
     enable(a, addr, "p@ss/w:rd", 0);
     snprintf(addr, sizeof(addr), "redis://:p%%40ss%%2Fw%%3Ard@[::1]:%d", s.port);
     enable(b, addr, NULL, 0);
-    int pa = start(a), pb = start(b);
-    cr_assert(wait_stat(a, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
-    cr_assert(wait_stat(b, PUSHLET_STAT_REDIS_SHARDS_DOWN, 0, WAIT_MS));
+    int pa = start_ready(a), pb = start_ready(b);
     tu_client c;
     subscribe(&c, pb, "six");
     publish(a, "six", "over ::1");
     expect_event(&c, "upd", "over ::1", NULL, 0);
-    tu_buf st = {0};
-    http_get(pa, "/stats", &st);
     char where[64];
     snprintf(where, sizeof(where), "\"address\":\"[::1]:%d/0\"", s.port);
-    cr_assert(strstr(st.p, where) != NULL, "%s", st.p);
-    tu_buf_free(&st);
+    expect_in_page(pa, "/stats", where);
     tu_client_close(&c);
     cr_assert_eq(pushlet_free(a), 0);
     cr_assert_eq(pushlet_free(b), 0);
-    srv_stop(&s);
+    tu_redis_stop(&s);
 }
 
 /* At most 64 shards. */
 Test(distributed, shard_limit)
 {
     srv s;
-    srv_start(&s, NULL, false);
     char addr[64];
-    snprintf(addr, sizeof(addr), "127.0.0.1:%d", s.port);
+    srv_start_tcp(&s, false, addr, sizeof(addr));
     pushlet_t *p = new_broker(NULL);
     for (int i = 0; i < 64; i++)
         enable(p, addr, NULL, 0);
     cr_assert_eq(pushlet_enable_distributed_mode(p, addr, NULL, 0), PUSHLET_EINVAL);
     cr_assert_eq(pushlet_free(p), 0);
-    srv_stop(&s);
+    tu_redis_stop(&s);
 }

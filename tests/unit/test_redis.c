@@ -2,88 +2,40 @@
  * redis-server processes: each test starts its own on a free loopback port (no persistence, in a
  * temporary directory) and kills it by PID. The client runs on a uv loop in the test thread. */
 #include "redis.h"
+#include "testutil.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <hiredis/hiredis.h>
-#include <netinet/in.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 /* Measurements go to stderr: Criterion's own log calls leak in its runner when tests run in
  * parallel (seen under LeakSanitizer). */
 #define note(...) (fprintf(stderr, "[info] " __VA_ARGS__), fputc('\n', stderr))
 
-/* ---- redis-server processes ------------------------------------------------------------------ */
+/* ---- redis-server processes (testutil.c), asserted ------------------------------------------ */
 
-typedef struct srv {
-    pid_t pid;
-    int port;
-    char dir[64];
-    char sock[128];
-    const char *password;
-} srv;
-
-static srv *started[4]; /* what a failed assertion left running: ended by .fini */
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+typedef tu_redis srv;
 
 static int free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
-    socklen_t len = sizeof(a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static redisContext *srv_connect(const srv *s)
-{
-    struct timeval tv = {1, 0};
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", s->port, tv);
-    if (c == NULL || c->err) {
-        if (c != NULL)
-            redisFree(c);
-        return NULL;
-    }
-    redisSetTimeout(c, tv);
-    if (s->password != NULL) {
-        redisReply *rep = redisCommand(c, "AUTH %s", s->password);
-        if (rep != NULL)
-            freeReplyObject(rep);
-    }
-    return c;
+    int port = tu_free_port();
+    cr_assert(port > 0, "no free loopback port");
+    return port;
 }
 
 /* Runs one command on the server (db `db`); the caller frees the reply. */
 static redisReply *srv_cmd(const srv *s, int db, const char *fmt, ...)
 {
-    redisContext *c = srv_connect(s);
-    cr_assert(c != NULL, "cannot reach redis on port %d", s->port);
-    if (db != 0)
-        freeReplyObject(redisCommand(c, "SELECT %d", db));
     va_list ap;
     va_start(ap, fmt);
-    redisReply *rep = redisvCommand(c, fmt, ap);
+    redisReply *rep = tu_redis_vcmd(s, db, fmt, ap);
     va_end(ap);
-    redisFree(c);
-    cr_assert(rep != NULL);
+    cr_assert(rep != NULL, "no reply from redis on port %d", s->port);
     return rep;
 }
 
@@ -108,106 +60,16 @@ static long long srv_calls(const srv *s, const char *cmd)
     return v;
 }
 
-static void srv_spawn(srv *s)
-{
-    char port[16], log[128];
-    snprintf(port, sizeof(port), "%d", s->port);
-    snprintf(log, sizeof(log), "%s/redis.log", s->dir);
-    const char *argv[24];
-    int n = 0;
-    argv[n++] = "/usr/bin/redis-server";
-    argv[n++] = "--port";
-    argv[n++] = port;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = "no";
-    argv[n++] = "--dir";
-    argv[n++] = s->dir;
-    argv[n++] = "--unixsocket";
-    argv[n++] = s->sock;
-    argv[n++] = "--unixsocketperm";
-    argv[n++] = "700";
-    if (s->password != NULL) {
-        argv[n++] = "--requirepass";
-        argv[n++] = s->password;
-    }
-    argv[n] = NULL;
-    pid_t pid = fork();
-    cr_assert(pid >= 0);
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        /* Nothing of the test process (Criterion's channel, the loop's fds) goes along. */
-        for (int i = 3; i < 1024; i++)
-            close(i);
-        execv(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    s->pid = pid;
-    for (int i = 0; i < 4; i++) {
-        if (started[i] == s)
-            break;
-        if (started[i] == NULL) {
-            started[i] = s;
-            break;
-        }
-    }
-    int64_t deadline = now_ms() + 5000;
-    while (now_ms() < deadline) {
-        redisContext *c = srv_connect(s);
-        if (c != NULL) {
-            redisReply *rep = redisCommand(c, "PING");
-            bool ok = rep != NULL && rep->type == REDIS_REPLY_STATUS;
-            if (rep != NULL)
-                freeReplyObject(rep);
-            redisFree(c);
-            if (ok)
-                return;
-        }
-        usleep(10000);
-    }
-    cr_assert_fail("redis-server did not start on port %d", s->port);
-}
+/* Started again on the same port and directory. */
+static void srv_spawn(srv *s) { cr_assert(tu_redis_spawn(s, 5000), "%s", s->error); }
 
 /* A new server on `port`, requiring `password` unless NULL. */
 static void srv_start(srv *s, const char *password, int port)
 {
     memset(s, 0, sizeof(*s));
-    snprintf(s->dir, sizeof(s->dir), "/tmp/pl-redis-test-XXXXXX");
-    cr_assert(mkdtemp(s->dir) != NULL);
-    snprintf(s->sock, sizeof(s->sock), "%s/redis.sock", s->dir);
     s->password = password;
     s->port = port;
-    srv_spawn(s);
-}
-
-static void srv_kill(srv *s)
-{
-    if (s->pid > 0) {
-        kill(s->pid, SIGKILL);
-        waitpid(s->pid, NULL, 0);
-        s->pid = 0;
-    }
-}
-
-static void srv_stop(srv *s)
-{
-    for (int i = 0; i < 4; i++)
-        if (started[i] == s)
-            started[i] = NULL;
-    srv_kill(s);
-    char path[160];
-    snprintf(path, sizeof(path), "%s/redis.log", s->dir);
-    unlink(path);
-    unlink(s->sock);
-    rmdir(s->dir);
+    cr_assert(tu_redis_start(s, 5000), "%s", s->error);
 }
 
 /* ---- A client on a loop, recording everything -------------------------------------------------
@@ -381,9 +243,9 @@ static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *arg, int time
     uv_timer_t tick;
     uv_timer_init(loop, &tick);
     uv_timer_start(&tick, on_tick, 5, 5);
-    int64_t deadline = now_ms() + timeout_ms;
+    int64_t deadline = tu_now_ms() + timeout_ms;
     bool ok;
-    while (!(ok = cond(arg)) && now_ms() < deadline)
+    while (!(ok = cond(arg)) && tu_now_ms() < deadline)
         uv_run(loop, UV_RUN_ONCE);
     uv_close((uv_handle_t *)&tick, NULL);
     uv_run(loop, UV_RUN_NOWAIT);
@@ -392,11 +254,11 @@ static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *arg, int time
 
 static void run_for(uv_loop_t *loop, int ms)
 {
-    int64_t until = now_ms() + ms;
+    int64_t until = tu_now_ms() + ms;
     uv_timer_t tick;
     uv_timer_init(loop, &tick);
     uv_timer_start(&tick, on_tick, 5, 5);
-    while (now_ms() < until)
+    while (tu_now_ms() < until)
         uv_run(loop, UV_RUN_ONCE);
     uv_close((uv_handle_t *)&tick, NULL);
     uv_run(loop, UV_RUN_NOWAIT);
@@ -405,8 +267,8 @@ static void run_for(uv_loop_t *loop, int ms)
 /* Every handle closed, nothing left on the loop. */
 static void loop_done(uv_loop_t *loop)
 {
-    int64_t deadline = now_ms() + 2000;
-    while (uv_run(loop, UV_RUN_NOWAIT) != 0 && now_ms() < deadline)
+    int64_t deadline = tu_now_ms() + 2000;
+    while (uv_run(loop, UV_RUN_NOWAIT) != 0 && tu_now_ms() < deadline)
         usleep(1000);
     cr_assert_eq(uv_loop_close(loop), 0, "handles left on the loop");
 }
@@ -531,7 +393,7 @@ static void fixture_end(fixture *f)
             ctx_close(f->clients[i]);
     loop_done(&f->loop);
     if (f->s.dir[0] != '\0')
-        srv_stop(&f->s);
+        tu_redis_stop(&f->s);
 }
 
 /* Every test is bounded in time: SIGALRM ends a stuck worker, which Criterion reports as a
@@ -539,14 +401,7 @@ static void fixture_end(fixture *f)
  * LeakSanitizer reports and ctest then fails on.) */
 static void bound_time(void) { alarm(30); }
 
-static void cleanup_servers(void)
-{
-    for (int i = 0; i < 4; i++)
-        if (started[i] != NULL)
-            srv_stop(started[i]);
-}
-
-TestSuite(redis, .init = bound_time, .fini = cleanup_servers);
+TestSuite(redis, .init = bound_time, .fini = tu_redis_stop_all);
 
 /* ---- Pure helpers -----------------------------------------------------------------------------
  */
@@ -624,14 +479,14 @@ Test(redis, publish_and_receive)
     cr_assert_eq(pl_redis_subscribe(c.r, "bad topic", 9), PUSHLET_EINVAL);
     wait_ready(&c);
 
-    int64_t t0 = now_ms();
+    int64_t t0 = tu_now_ms();
     publish_n(&c, "news", 0, 19);
     cr_assert_eq(
         pl_redis_publish(c.r, "news", 4, NULL, 0, "line1\nli\0ne2", 12, 1234, on_published, &c), 0);
     cr_assert_eq(pl_redis_publish(c.r, "news", 4, "bad event", 9, "x", 1, 0, NULL, NULL),
                  PUSHLET_EINVAL);
     cr_assert(got_within(&c, 20, 20, 3000), "pubs %zu msgs %zu", c.npubs, c.nmsgs);
-    note("20 publishes round trip: %lld ms", (long long)(now_ms() - t0));
+    note("20 publishes round trip: %lld ms", (long long)(tu_now_ms() - t0));
     uint64_t epoch = c.pubs[0].epoch;
     cr_assert_neq(epoch, 0);
     for (size_t i = 0; i < 20; i++) {
@@ -736,9 +591,9 @@ Test(redis, wrong_password)
     set_address(&f, "redis://:nope@127.0.0.1:%d", f.s.port);
     ctx c;
     client_open(&f, &c);
-    int64_t t0 = now_ms();
+    int64_t t0 = tu_now_ms();
     cr_assert(run_until(&f.loop, is_down, &c, 2000), "no error reported");
-    int64_t took = now_ms() - t0;
+    int64_t took = tu_now_ms() - t0;
     note("wrong password reported in %lld ms: %s", (long long)took, c.error);
     cr_assert(strstr(c.error, "redis: authentication failed") != NULL, "%s", c.error);
     cr_assert(strstr(c.error, "WRONGPASS") != NULL, "%s", c.error);
@@ -882,18 +737,18 @@ Test(redis, kill_and_restart)
 
     /* Some publishes in flight at the kill, then more while it is down. */
     publish_n(&pub, "feed", 10, 15);
-    srv_kill(&f.s);
+    tu_redis_kill(&f.s);
     p.state = PL_REDIS_DOWN;
     cr_assert(run_until(&f.loop, both_state, &p, 3000));
     publish_n(&pub, "feed", 15, 25);
     cr_assert(pl_redis_pending(pub.r) >= 10);
     run_for(&f.loop, 300); /* a few failed retries */
     srv_spawn(&f.s);
-    int64_t t0 = now_ms();
+    int64_t t0 = tu_now_ms();
     p.state = PL_REDIS_READY;
     cr_assert(run_until(&f.loop, both_state, &p, 5000), "no reconnect: %s / %s", sub.error,
               pub.error);
-    note("reconnected %lld ms after restart", (long long)(now_ms() - t0));
+    note("reconnected %lld ms after restart", (long long)(tu_now_ms() - t0));
     cr_assert(got_within(&pub, 25, 0, 5000), "publishes answered: %zu", pub.npubs);
     cr_assert_eq(pl_redis_pending(pub.r), 0);
 
@@ -1156,9 +1011,9 @@ Test(redis, silent_server_times_out)
     f.o.connect_timeout_ms = 200;
     ctx c;
     client_open(&f, &c);
-    int64_t t0 = now_ms();
+    int64_t t0 = tu_now_ms();
     cr_assert(run_until(&f.loop, is_down, &c, 2000));
-    int64_t took = now_ms() - t0;
+    int64_t took = tu_now_ms() - t0;
     cr_assert(took >= 150 && took < 1000, "%lld ms", (long long)took);
     cr_assert(strstr(c.error, "timed out") != NULL, "%s", c.error);
     fixture_end(&f);

@@ -1,14 +1,21 @@
+#define _GNU_SOURCE /* nftw */
 #include "testutil.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -413,4 +420,239 @@ void tu_client_close(tu_client *c)
     c->qlen = c->qhead = c->qcap = 0;
     tu_buf_free(&c->head);
     tu_sse_free(&c->parser);
+}
+
+/* ---- redis-server processes ---------------------------------------------------------------- */
+
+/* What is running or still on disk, by value: a test's tu_redis may live on its stack, gone by
+ * the time a suite's .fini calls tu_redis_stop_all(). */
+static struct {
+    pid_t pid;
+    char dir[64];
+} redis_started[8];
+
+static void track(const tu_redis *s, pid_t pid)
+{
+    for (size_t i = 0; i < sizeof(redis_started) / sizeof(redis_started[0]); i++) {
+        if (redis_started[i].dir[0] == '\0' || strcmp(redis_started[i].dir, s->dir) == 0) {
+            redis_started[i].pid = pid;
+            snprintf(redis_started[i].dir, sizeof(redis_started[i].dir), "%s", s->dir);
+            return;
+        }
+    }
+}
+
+static void untrack(const tu_redis *s, bool forget)
+{
+    for (size_t i = 0; i < sizeof(redis_started) / sizeof(redis_started[0]); i++) {
+        if (s->dir[0] != '\0' && strcmp(redis_started[i].dir, s->dir) == 0) {
+            redis_started[i].pid = 0;
+            if (forget)
+                redis_started[i].dir[0] = '\0';
+        }
+    }
+}
+
+int tu_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    int port = -1;
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+redisContext *tu_redis_connect(const tu_redis *s)
+{
+    struct timeval tv = {1, 0};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", s->port, tv);
+    if (c == NULL || c->err) {
+        if (c != NULL)
+            redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, tv);
+    if (s->password != NULL) {
+        redisReply *rep = redisCommand(c, "AUTH %s", s->password);
+        if (rep != NULL)
+            freeReplyObject(rep);
+    }
+    return c;
+}
+
+redisReply *tu_redis_cmd(const tu_redis *s, int db, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *rep = tu_redis_vcmd(s, db, fmt, ap);
+    va_end(ap);
+    return rep;
+}
+
+redisReply *tu_redis_vcmd(const tu_redis *s, int db, const char *fmt, va_list ap)
+{
+    redisContext *c = tu_redis_connect(s);
+    if (c == NULL)
+        return NULL;
+    if (db != 0) {
+        redisReply *sel = redisCommand(c, "SELECT %d", db);
+        if (sel != NULL)
+            freeReplyObject(sel);
+    }
+    redisReply *rep = redisvCommand(c, fmt, ap);
+    redisFree(c);
+    return rep;
+}
+
+bool tu_redis_spawn(tu_redis *s, int timeout_ms)
+{
+    char port[16], log[128];
+    snprintf(port, sizeof(port), "%d", s->port);
+    snprintf(log, sizeof(log), "%s/redis.log", s->dir);
+    const char *argv[24];
+    int n = 0;
+    argv[n++] = "/usr/bin/redis-server";
+    argv[n++] = "--port";
+    argv[n++] = port;
+    argv[n++] = "--bind";
+    argv[n++] = "127.0.0.1";
+    if (s->ipv6)
+        argv[n++] = "::1";
+    argv[n++] = "--save";
+    argv[n++] = "";
+    argv[n++] = "--appendonly";
+    argv[n++] = s->aof ? "yes" : "no";
+    if (s->aof) {
+        argv[n++] = "--appendfsync";
+        argv[n++] = "always";
+    }
+    argv[n++] = "--dir";
+    argv[n++] = s->dir;
+    argv[n++] = "--unixsocket";
+    argv[n++] = s->sock;
+    argv[n++] = "--unixsocketperm";
+    argv[n++] = "700";
+    if (s->password != NULL) {
+        argv[n++] = "--requirepass";
+        argv[n++] = s->password;
+    }
+    argv[n] = NULL;
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(s->error, sizeof(s->error), "fork: %s", strerror(errno));
+        return false;
+    }
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        /* Nothing of the test process (Criterion's channel, the loop's fds) goes along. */
+        for (int i = 3; i < 1024; i++)
+            close(i);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    s->pid = pid;
+    track(s, pid);
+    int64_t deadline = tu_now_ms() + timeout_ms;
+    while (tu_now_ms() < deadline) {
+        redisContext *c = tu_redis_connect(s);
+        if (c != NULL) {
+            redisReply *rep = redisCommand(c, "PING");
+            bool ok = rep != NULL && rep->type == REDIS_REPLY_STATUS;
+            if (rep != NULL)
+                freeReplyObject(rep);
+            redisFree(c);
+            if (ok)
+                return true;
+        }
+        tu_sleep_ms(10);
+    }
+    snprintf(s->error, sizeof(s->error), "redis-server did not start on port %d (log: %s)", s->port,
+             log);
+    return false;
+}
+
+bool tu_redis_start(tu_redis *s, int timeout_ms)
+{
+    s->pid = 0;
+    s->error[0] = '\0';
+    snprintf(s->dir, sizeof(s->dir), "/tmp/pl-redis-test-XXXXXX");
+    if (mkdtemp(s->dir) == NULL) {
+        snprintf(s->error, sizeof(s->error), "mkdtemp: %s", strerror(errno));
+        s->dir[0] = '\0';
+        return false;
+    }
+    snprintf(s->sock, sizeof(s->sock), "%s/redis.sock", s->dir);
+    if (s->port == 0)
+        s->port = tu_free_port();
+    if (s->port <= 0) {
+        snprintf(s->error, sizeof(s->error), "no free port");
+        tu_redis_stop(s);
+        return false;
+    }
+    if (!tu_redis_spawn(s, timeout_ms)) {
+        char why[sizeof(s->error)];
+        memcpy(why, s->error, sizeof(why));
+        tu_redis_stop(s);
+        memcpy(s->error, why, sizeof(why));
+        return false;
+    }
+    return true;
+}
+
+static void kill_pid(pid_t pid)
+{
+    if (pid > 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+    }
+}
+
+void tu_redis_kill(tu_redis *s)
+{
+    kill_pid(s->pid);
+    s->pid = 0;
+    untrack(s, false);
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    remove(path);
+    return 0;
+}
+
+static void remove_dir(const char *dir)
+{
+    if (dir[0] != '\0')
+        nftw(dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS); /* the log, the socket, the AOF directory */
+}
+
+void tu_redis_stop(tu_redis *s)
+{
+    tu_redis_kill(s);
+    untrack(s, true);
+    remove_dir(s->dir);
+    s->dir[0] = '\0';
+}
+
+void tu_redis_stop_all(void)
+{
+    for (size_t i = 0; i < sizeof(redis_started) / sizeof(redis_started[0]); i++) {
+        if (redis_started[i].dir[0] == '\0')
+            continue;
+        kill_pid(redis_started[i].pid);
+        remove_dir(redis_started[i].dir);
+        memset(&redis_started[i], 0, sizeof(redis_started[i]));
+    }
 }

@@ -1,12 +1,18 @@
 /* Helpers shared by the unit tests and the TSan programs: an EventSource parser that follows
  * the WHATWG rules (so tests check what a browser would see, not what the encoder meant to
- * write) and a small blocking SSE client over loopback TCP. Every wait is bounded. */
+ * write), a small blocking SSE client over loopback TCP and real redis-server processes.
+ * Every wait is bounded. Nothing here asserts (the TSan programs link it without Criterion):
+ * failures come back as return values, and each test checks them. */
 #ifndef PL_TESTUTIL_H
 #define PL_TESTUTIL_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
+
+#include <hiredis/hiredis.h>
 
 /* ---- Growable byte buffer ---------------------------------------------------------------- */
 
@@ -84,5 +90,45 @@ bool tu_client_subscribe(tu_client *c, int port, const char *topic, int timeout_
 bool tu_client_wait_eof(tu_client *c, int timeout_ms);
 void tu_client_close(tu_client *c);
 void tu_event_clear(tu_event *ev);
+
+/* ---- redis-server processes ---------------------------------------------------------------- */
+
+/* A redis-server of the test's own on 127.0.0.1 (no RDB saves), in a temporary directory with
+ * its log and unix socket. Set the options, then tu_redis_start(). The child gets
+ * PR_SET_PDEATHSIG (SIGKILL) from the thread that forks it, so fork from a thread that lives
+ * until the end (the main thread), and it inherits none of the caller's fds. */
+typedef struct tu_redis {
+    /* options, read by tu_redis_start() and tu_redis_spawn() */
+    int port;             /* 0: tu_redis_start() picks a free one */
+    const char *password; /* --requirepass, and AUTH on connecting, unless NULL */
+    bool aof;             /* appendonly yes, appendfsync always: a restart keeps the data */
+    bool ipv6;            /* also listens on [::1] */
+    /* state */
+    pid_t pid; /* 0 when not running */
+    char dir[64];
+    char sock[128];  /* the unix socket, in dir */
+    char error[256]; /* why the last call failed */
+} tu_redis;
+
+/* A loopback TCP port that was free a moment ago, or -1. */
+int tu_free_port(void);
+/* Make the directory and spawn. On false, s->error says why and nothing is left behind. */
+bool tu_redis_start(tu_redis *s, int timeout_ms);
+/* Start the server (again, on the same port and directory) and wait up to timeout_ms until it
+ * answers PING. On false, s->error says why (the process, if any, is left to tu_redis_stop). */
+bool tu_redis_spawn(tu_redis *s, int timeout_ms);
+/* SIGKILL and reap; the directory stays. */
+void tu_redis_kill(tu_redis *s);
+/* Kill, and remove the directory with everything in it. Harmless on a zeroed tu_redis. */
+void tu_redis_stop(tu_redis *s);
+/* Kill and remove every server started and not yet stopped (for a suite's .fini, after a failed
+ * assertion skipped the test's own tu_redis_stop; the test's tu_redis may be gone by then). */
+void tu_redis_stop_all(void);
+/* A sync client (1 s timeouts, AUTHed when a password is set), or NULL. Free with redisFree. */
+redisContext *tu_redis_connect(const tu_redis *s);
+/* One command on db `db` over a fresh connection: the reply (free with freeReplyObject), or NULL
+ * when the server cannot be reached or did not answer. */
+redisReply *tu_redis_cmd(const tu_redis *s, int db, const char *fmt, ...);
+redisReply *tu_redis_vcmd(const tu_redis *s, int db, const char *fmt, va_list ap);
 
 #endif /* PL_TESTUTIL_H */
