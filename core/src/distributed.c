@@ -74,7 +74,7 @@ typedef struct pl_sync_wait {
     pl_conn *c;
     pl_topic *t;
     uint64_t deadline;
-    bool command, done, has_since;
+    bool command, has_since;
     pl_position since;
 } pl_sync_wait;
 
@@ -685,10 +685,11 @@ static void on_published(pl_redis *r, int status, const char *id, uint64_t epoch
 void pl_dist_publish(pushlet_t *p, pl_msg *m, pl_conn *c)
 {
     pl_dist *d = p->dist;
+    size_t bytes = pl_dist_msg_bytes(m);
     pl_publish_wait *w = malloc(sizeof(*w));
     int rc = w ? 0 : PUSHLET_ENOMEM;
     if (w) {
-        *w = (pl_publish_wait){.p = p, .c = c, .bytes = pl_dist_msg_bytes(m)};
+        *w = (pl_publish_wait){.p = p, .c = c, .bytes = bytes};
         pl_list_push(&d->publishes, &w->link);
         if (m->to_all)
             rc = pl_redis_publish_all(d->shards[0].r, m->event, m->event_len, m->data, m->data_len,
@@ -703,7 +704,7 @@ void pl_dist_publish(pushlet_t *p, pl_msg *m, pl_conn *c)
     PL_STAT_ADD(p, PUSHLET_STAT_MESSAGES_IN, 1);
     if (rc) {
         free(w);
-        pl_dist_release(p, pl_dist_msg_bytes(m));
+        pl_dist_release(p, bytes);
         PL_STAT_ADD(p, PUSHLET_STAT_REDIS_PUBLISH_ERRORS, 1);
         pl_error(p, "redis", "publish not sent to Redis: %s", pushlet_strerror(rc));
         if (c)
@@ -800,10 +801,9 @@ static void wake(pushlet_t *p, pl_topic *t)
             continue;
         }
         /* An initial topic: the request goes on once all of them caught up; until then the
-         * wait stays (done) so the topic stays followed. */
+         * wait stays (off the topic's list) so the topic stays followed. */
         pl_list_remove(&w->by_topic);
         pl_list_init(&w->by_topic);
-        w->done = true;
         if (--c->syncs_waiting > 0)
             continue;
         pl_topic *pinned[MAX_TOPIC_NS];
@@ -828,15 +828,14 @@ int pl_dist_topics_ready(pl_conn *c, char (*topics)[256], const size_t *lens, si
         if (!t || !new_wait(c, t, false)) {
             if (t)
                 pl_topics_release(&p->topics, t);
-            drop_waits(c, false, NULL, 0);
+            drop_waits(c, false, NULL, 0); /* unfollows what nothing else needs */
             return 503;
         }
+        follow(p, t);
         waiting++;
     }
     if (!waiting)
         return 0;
-    for (pl_link *l = c->sync_waits.next; l != &c->sync_waits; l = l->next)
-        follow(p, pl_container_of(l, pl_sync_wait, by_conn)->t);
     pl_sync_topic_stats(p);
     c->syncs_waiting = waiting;
     c->parked = true;
